@@ -1,0 +1,426 @@
+"""Loading a config file: validate every part, merge defaults, parse schedules.
+
+Imported by :func:`scheduler.config.load_config` on first use (it brings
+pydantic). Every problem is collected with its position and raised once as a
+:class:`~scheduler.errors.ConfigError`; a key whose problem is already said is
+remembered as bad, so nothing downstream repeats or compounds it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ValidationError
+
+from scheduler import config_model as m
+from scheduler import triggers
+from scheduler.config import (
+    DEFAULT_TIMEZONE,
+    JOB_DEFAULTS,
+    JOB_ID_PATTERN,
+    JOB_ID_RULE,
+    TRIGGER_KEYS,
+    Config,
+    JobSpec,
+    TriggerKind,
+)
+from scheduler.errors import ConfigError, Problem
+from scheduler.yamlsrc import Loc, PathT, Source, kind
+
+if TYPE_CHECKING:
+    from scheduler.plugins import Registry
+
+
+# -- pydantic errors as located, plain-spoken problems ---------------------------
+
+_PHRASES = {
+    "string_type": "must be a string",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+}
+_SHOULD = re.compile(r"^(?:[A-Za-z]+ ){0,3}?should (?=be |have |match |contain )")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a validated mapping sits and how to name things in it.
+
+    ``base`` is its path in the file; ``label`` prefixes key names in
+    messages ("params" -> "params.url"); ``where`` ends unknown/missing-key
+    messages ("in job 'backup'"); ``known`` feeds the did-you-mean for its own
+    keys, and is listed when nothing is close and ``list_known`` is set.
+    """
+
+    src: Source
+    base: PathT
+    label: str
+    where: str
+    known: tuple[str, ...] = ()
+    list_known: bool = False
+
+
+def _label(prefix: str, rel: PathT) -> str:
+    out = prefix
+    for el in rel:
+        if isinstance(el, int) and not isinstance(el, bool):
+            out += f"[{el}]"
+        else:
+            out = f"{out}.{el}" if out else str(el)
+    return out or "value"
+
+
+def _follow(raw: Any, loc: tuple[int | str, ...]) -> tuple[PathT, bool]:
+    """The part of a pydantic ``loc`` that exists in the data (union-member
+    names and missing keys drop out), and whether it names a key."""
+    path: list[Any] = []
+    data = raw
+    for el in loc:
+        if el == "[key]":
+            return tuple(path), True
+        if isinstance(data, dict) and el not in data and isinstance(el, str):
+            # pydantic writes a non-string key into ``loc`` as its str()
+            el = next((k for k in data if not isinstance(k, str) and str(k) == el), el)
+        in_dict = isinstance(data, dict) and el in data
+        in_list = isinstance(data, list) and type(el) is int and 0 <= el < len(data)
+        if not (in_dict or in_list):
+            continue
+        data = data[el]
+        path.append(el)
+    return tuple(path), False
+
+
+def _unknown(scope: Scope, key: object, parent: PathT) -> str:
+    if parent:
+        return f"unknown key {kind(key)} in {_label(scope.label, parent)}"
+    hint = m.did_you_mean(key, list(scope.known))
+    if not hint and scope.list_known and scope.known:
+        hint = f"; known keys: {', '.join(scope.known)}"
+    return f"unknown key {kind(key)} {scope.where}{hint}"
+
+
+def _problem(err: Any, raw: Any, scope: Scope) -> Problem | None:
+    src, loc, typ = scope.src, tuple(err["loc"]), err["type"]
+    rel, is_key = _follow(raw, loc)
+    path = scope.base + rel
+    if src.is_invalid(path):
+        return None  # the YAML layer already reported this value
+    if typ == "extra_forbidden":
+        return src.problem(
+            src.key_loc(path), _unknown(scope, rel[-1] if rel else loc[-1], rel[:-1])
+        )
+    if typ == "missing":
+        name = loc[-1]
+        if rel:
+            msg = f"{_label(scope.label, rel)} is missing required key {name!r}"
+        else:
+            msg = f"missing required key {name!r} {scope.where}"
+        return src.problem(src.key_loc(path), msg)
+    label = _label(scope.label, rel)
+    error = (err.get("ctx") or {}).get("error")
+    if typ in ("value_error", "assertion_error") and isinstance(error, BaseException):
+        text = str(error)
+        got = ""
+    else:
+        text = _PHRASES.get(typ) or _SHOULD.sub("must ", err["msg"])
+        got = f" (got {kind(err['input'])})"
+    if isinstance(error, m.Complete):
+        msg = text
+    elif text.startswith("must "):
+        msg = f"{label} {text}{got}"
+    else:
+        msg = f"{label}: {text}{got}"
+    return src.problem(src.key_loc(path) if is_key else src.value_loc(path), msg)
+
+
+def validate(
+    model: type[BaseModel], raw: dict[Any, Any], scope: Scope
+) -> tuple[BaseModel | None, set[str], list[Problem]]:
+    """Validate ``raw`` against ``model``, collecting every problem.
+
+    Returns the model built from the keys that are valid (so one bad key does
+    not hide the others from later checks), the names of the bad keys, and
+    the problems. Pydantic stops at nothing but also returns nothing on
+    error, so the bad keys are dropped and the rest validated again.
+    """
+    problems: list[Problem] = []
+    bad: set[str] = set()
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(key, str):
+            data[key] = value
+        elif not scope.src.is_invalid((*scope.base, key)):
+            where = scope.src.key_loc((*scope.base, key))
+            problems.append(scope.src.problem(where, _unknown(scope, key, ())))
+    for _attempt in range(3):
+        try:
+            return model.model_validate(data), bad, problems
+        except ValidationError as exc:
+            reported = set(bad)  # a key dropped last round is now "missing": said already
+            for err in exc.errors(include_url=False):
+                top = err["loc"][0] if err["loc"] else None
+                if top in reported:
+                    continue
+                problem = _problem(err, data, scope)
+                if problem is not None:
+                    problems.append(problem)
+                if isinstance(top, str):
+                    bad.add(top)
+        kept = {k: v for k, v in data.items() if k not in bad}
+        if len(kept) == len(data):
+            break
+        data = kept
+    return None, bad, problems
+
+
+# -- the loader ---------------------------------------------------------------
+
+_UNSET: Final = object()
+_BAD: Final = object()
+
+
+@dataclass
+class _Part:
+    """``defaults`` or one job after validation: the keys it wrote that are
+    valid (``values``) and the ones already reported as invalid (``bad``)."""
+
+    path: PathT
+    values: dict[str, Any] = field(default_factory=dict)
+    bad: set[str] = field(default_factory=set)
+
+    def wrote(self, key: str) -> bool:
+        return key in self.values or key in self.bad
+
+
+def _position(loc: Loc) -> tuple[int, int]:
+    return loc.line, loc.col
+
+
+class Loader:
+    """One load: collects every problem, then returns a Config or raises once."""
+
+    def __init__(self, src: Source, registry: Registry, path: Path) -> None:
+        self.src = src
+        self.registry = registry
+        self.path = path
+        self.problems: list[Problem] = list(src.problems)  # errors only
+        self.warnings: list[Problem] = []
+        self.now = datetime.now(UTC)
+
+    def error(self, loc: Loc, message: str, *, offset: int | None = None) -> None:
+        self.problems.append(self.src.problem(loc, message, offset=offset))
+
+    def load(self) -> Config:
+        src, data = self.src, self.src.data
+        if src.fatal:
+            raise ConfigError(self.problems)
+        if data is None:
+            empty = "the file is empty; it needs a 'jobs:' mapping"
+            raise ConfigError([*self.problems, Problem(src.name, 0, 0, empty)])
+        if not isinstance(data, dict):
+            shape = f"the top level must be a mapping of {', '.join(m.TOP_KEYS)}"
+            self.error(src.value_loc(()), f"{shape} (got {kind(data)})")
+            raise ConfigError(self.problems)
+        rest = {k: v for k, v in data.items() if k not in ("defaults", "jobs")}
+        top = self.validate(m.ConfigFile, rest, (), "at the top level", m.TOP_KEYS)
+        zone = top.values.get("timezone", DEFAULT_TIMEZONE) if "timezone" not in top.bad else None
+        state_dir = None
+        if top.values.get("state_dir"):
+            raw_dir = Path(top.values["state_dir"]).expanduser()
+            state_dir = Path(os.path.normpath(self.path.parent / raw_dir))
+        defaults = self.defaults(data.get("defaults"))
+        jobs: dict[str, JobSpec] = {}
+        raw_jobs = data.get("jobs")
+        if isinstance(raw_jobs, dict):
+            for job_id, raw in raw_jobs.items():
+                spec = self.job(job_id, raw, defaults, zone)
+                if spec is not None:
+                    jobs[spec.id] = spec
+        elif raw_jobs is not None and not src.is_invalid(("jobs",)):
+            shape = f"jobs must be a mapping of job id to job (got {kind(raw_jobs)})"
+            self.error(src.value_loc(("jobs",)), shape)
+        if not raw_jobs and not src.is_invalid(("jobs",)):
+            message = "no jobs defined"
+            if "jobs" in data:
+                self.warnings.append(src.problem(src.key_loc(("jobs",)), message, warning=True))
+            else:
+                self.warnings.append(Problem(src.name, 0, 0, message, "warning"))
+        warnings = sorted(dict.fromkeys(self.warnings))
+        if self.problems:
+            raise ConfigError(list(dict.fromkeys(self.problems)) + warnings)
+        return Config(self.path, zone or DEFAULT_TIMEZONE, state_dir, jobs, warnings)
+
+    def validate(
+        self, model: Any, raw: dict[Any, Any], path: PathT, where: str, known: list[str]
+    ) -> _Part:
+        scope = Scope(self.src, path, "", where, known=tuple(known))
+        obj, bad, problems = validate(model, raw, scope)
+        self.problems.extend(problems)
+        part = _Part(path, bad=bad)
+        if obj is not None:
+            part.values = {k: getattr(obj, k) for k in obj.model_fields_set}
+        return part
+
+    def defaults(self, raw: Any) -> _Part:
+        path: PathT = ("defaults",)
+        if raw is None or self.src.is_invalid(path):
+            return _Part(path)
+        if not isinstance(raw, dict):
+            shape = f"defaults must be a mapping of job keys (got {kind(raw)})"
+            self.error(self.src.value_loc(path), shape)
+            return _Part(path)
+        part = self.validate(m.JobFields, raw, path, "in defaults", m.JOB_KEYS)
+        task = part.values.get("task")
+        if task is not None and task not in self.registry.task_types:
+            self.error(self.src.value_loc((*path, "task")), self.unknown_task(task))
+            part.bad.add("task")
+        found = [k for k in TRIGGER_KEYS if part.wrote(k)]
+        if len(found) > 1:
+            locs = sorted((self.src.key_loc((*path, k)) for k in found), key=_position)
+            message = f"defaults may set only one of cron, every, at (found: {', '.join(found)})"
+            self.error(locs[1], message)
+            # Jobs without their own schedule then see one bad key, and say nothing more.
+            part.bad = (part.bad - set(found)) | {found[0]}
+            for k in found:
+                part.values.pop(k, None)
+        return part
+
+    def unknown_task(self, name: str) -> str:
+        known = sorted(self.registry.task_types)
+        hint = m.did_you_mean(name, known)
+        msg = f"unknown task {name!r}{hint}; known tasks: {', '.join(known) or 'none'}"
+        broken = [p for p in self.registry.broken if p.name == name] or list(self.registry.broken)
+        if broken:
+            listed = ", ".join(f"{p.name!r} ({p.error})" for p in broken)
+            msg += f"; plugin{'s' if len(broken) > 1 else ''} that failed to load: {listed}"
+        if any(p.blocked and p.name == name for p in self.registry.plugins):
+            msg += f"; plugin {name!r} is disabled by $SCHEDD_DISABLE_PLUGINS"
+        return msg
+
+    def job(self, job_id: Any, raw: Any, defaults: _Part, top_zone: str | None) -> JobSpec | None:
+        src = self.src
+        path: PathT = ("jobs", job_id)
+        key = src.key_loc(path)
+        before = len(self.problems)
+        name = job_id if isinstance(job_id, str) else str(key.raw)
+        if not isinstance(job_id, str):
+            self.error(key, f"job id {kind(job_id)} must be a string; quote it: '{key.raw}'")
+        elif not re.fullmatch(JOB_ID_PATTERN, job_id):
+            self.error(key, f"invalid job id {job_id!r}: use {JOB_ID_RULE}")
+        if src.is_invalid(path):
+            return None
+        if raw is None:
+            self.error(key, f"job {name!r} is empty; it needs a task and one of cron, every, at")
+            return None
+        if not isinstance(raw, dict):
+            shape = f"job {name!r} must be a mapping of job keys (got {kind(raw)})"
+            self.error(src.value_loc(path), shape)
+            return None
+        part = self.validate(m.JobFields, raw, path, f"in job {name!r}", m.JOB_KEYS)
+        own_trigger = any(part.wrote(k) for k in TRIGGER_KEYS)
+
+        def pick(k: str) -> tuple[Any, PathT]:
+            """The value that applies (or _UNSET/_BAD) and the part it comes from."""
+            if part.wrote(k):
+                return part.values.get(k, _BAD), path
+            if defaults.wrote(k) and not (k in TRIGGER_KEYS and own_trigger):
+                return defaults.values.get(k, _BAD), defaults.path
+            return _UNSET, path
+
+        task, task_at = pick("task")
+        task_type = None
+        if task is _UNSET:
+            known = ", ".join(sorted(self.registry.task_types)) or "none"
+            self.error(key, f"job {name!r} is missing required key 'task' (known tasks: {known})")
+        elif task is not _BAD:
+            task_type = self.registry.task_types.get(task)
+            if task_type is None:
+                self.error(src.value_loc((*task_at, "task")), self.unknown_task(task))
+        found = [k for k in TRIGGER_KEYS if pick(k)[0] is not _UNSET]
+        if len(found) != 1:
+            listed = ", ".join(found) or "none"
+            message = f"job {name!r} needs exactly one of cron, every, at (found: {listed})"
+            locs = sorted((src.key_loc((*pick(k)[1], k)) for k in found), key=_position)
+            self.error(locs[1] if len(locs) > 1 else key, message)
+        zone, _ = pick("timezone")
+        zone = top_zone if zone is _UNSET else None if zone is _BAD else zone
+        params = self.params(task_type, *pick("params"))
+        schedule, expr = None, ""
+        if len(found) == 1:  # with a bad zone, still report a bad expression
+            schedule, expr = self.schedule(name, found[0], *pick(found[0]), zone or "UTC")
+        values = {k: pick(k)[0] for k in JOB_DEFAULTS}
+        if "env" in part.bad or "env" in defaults.bad:
+            return None
+        values["env"] = {**defaults.values.get("env", {}), **part.values.get("env", {})}
+        if len(self.problems) > before or schedule is None or params is None or zone is None:
+            return None
+        if any(v is _BAD for v in values.values()):
+            return None
+        for k, default in JOB_DEFAULTS.items():
+            if values[k] is _UNSET:
+                values[k] = default
+        return JobSpec(
+            id=name, task=task, params=params, trigger_kind=cast(TriggerKind, found[0]),
+            trigger_expr=expr, schedule=schedule, timezone=zone, line=key.line, **values,
+        )  # fmt: skip
+
+    def params(self, task_type: Any, raw: Any, at: PathT) -> dict[str, Any] | None:
+        if task_type is None or raw is _BAD:
+            return None
+        base = (*at, "params")
+        model = task_type.params
+        known = tuple(f.alias or n for n, f in model.model_fields.items())
+        where = f"in params of task {task_type.name!r}"
+        scope = Scope(self.src, base, "params", where, known=known, list_known=True)
+        try:
+            obj, _bad, problems = validate(model, {} if raw is _UNSET else raw, scope)
+            self.problems.extend(problems)
+            if obj is None or problems:
+                return None
+            dumped: dict[str, Any] = obj.model_dump(mode="json")
+            return dumped
+        except Exception as exc:  # a plugin's validator is third-party code
+            raised = f"plugin {task_type.plugin or 'unknown'!r} raised {type(exc).__name__}: {exc}"
+            self.error(self.src.value_loc(base), f"params could not be checked: {raised}")
+            return None
+
+    def schedule(
+        self, job: str, trigger: str, value: Any, at: PathT, zone: str
+    ) -> tuple[triggers.Schedule | None, str]:
+        """The parsed schedule and its text as written (``every: 5m`` -> ``"5m"``)."""
+        if value is _BAD:
+            return None, ""
+        loc = self.src.value_loc((*at, trigger))
+        expr = loc.raw if loc.raw is not None else str(value)
+        tz = ZoneInfo(zone)
+        try:
+            if trigger == "cron":
+                schedule = triggers.parse_cron(value, tz, job)
+            elif trigger == "every":
+                schedule = triggers.parse_every(value, tz)
+            else:
+                when = value if isinstance(value, datetime) else datetime.combine(value, time())
+                schedule = triggers.parse_at(when, tz)
+                if schedule.next_after(self.now) is None:
+                    past = f"at {expr!r} is in the past; job {job!r} will not run"
+                    self.warnings.append(self.src.problem(loc, past, warning=True))
+        except (ValueError, OverflowError) as exc:  # TriggerError, or a date out of range
+            text = str(exc)
+            message = f"invalid cron expression: {text}" if trigger == "cron" else text
+            self.error(loc, message, offset=getattr(exc, "offset", None))
+            return None, ""
+        return schedule, expr

@@ -1,0 +1,366 @@
+"""The pydantic models of the config file, their error messages, and its JSON Schema.
+
+Kept apart from :mod:`scheduler.config` so that importing the records costs no
+pydantic. Validators raise messages in the project's style: a phrase starting
+with "must" gets the key's name put in front ("retries must be ..."); anything
+else is a complete sentence. Pydantic's own messages are rewritten the same
+way, without URLs or "Input should be".
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import itertools
+import re
+import zoneinfo
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+)
+from pydantic.json_schema import models_json_schema
+
+from scheduler import config as c
+from scheduler.durations import (
+    DURATION_PATTERN,
+    SIZE_PATTERN,
+    DurationError,
+    normalize_size,
+    parse_duration,
+)
+from scheduler.yamlsrc import kind as kind
+
+if TYPE_CHECKING:
+    from scheduler.plugins import Registry
+
+
+class Complete(ValueError):
+    """A validator message that is a whole sentence (no key name in front)."""
+
+
+def did_you_mean(word: object, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` or nothing; case slips are caught first."""
+    if not isinstance(word, str):
+        return ""
+    same = [ch for ch in choices if ch.lower() == word.lower()]
+    close = same or difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@functools.cache
+def _zones() -> list[str]:
+    return sorted(zoneinfo.available_timezones())
+
+
+def check_timezone(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(
+            f"must be an IANA time zone name such as 'Europe/Berlin' (got {kind(value)})"
+        )
+    try:
+        zoneinfo.ZoneInfo(value)
+    except Exception:  # not found, a path-like key, an unreadable file ...
+        raise Complete(f"invalid time zone {value!r}{did_you_mean(value, _zones())}") from None
+    return value
+
+
+def _explain(exc: DurationError) -> ValueError:
+    if exc.reason:
+        return ValueError(f"{exc.reason} (got {kind(exc.value)})")
+    return ValueError(f"must be a {exc.noun} (got {kind(exc.value)}); {exc.hint}")
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise _explain(exc) from None
+
+
+def _positive_duration(value: object) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than 0 (got {kind(value)})")
+    return seconds
+
+
+def _timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than 0, or null for no timeout (got {kind(value)})")
+    return seconds
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string (got {kind(value)})")
+    return value
+
+
+def _nonempty(value: object) -> str:
+    if not _text(value).strip():
+        raise ValueError("must not be empty")
+    return str(value)
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a whole number >= 0 (got {kind(value)})")
+    return value
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false (got {kind(value)})")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> BeforeValidator:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            hint = did_you_mean(value, list(options)).replace(" (", "; ").rstrip(")")
+            raise ValueError(f"must be one of {', '.join(options)} (got {kind(value)}{hint})")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _size(value: object) -> str:
+    try:
+        return normalize_size(value)
+    except DurationError as exc:
+        raise _explain(exc) from None
+
+
+def _mapping(value: object) -> dict[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping (got {kind(value)})")
+    return value
+
+
+def _env_name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(c.ENV_NAME_PATTERN, value):
+        raise Complete(
+            f"invalid environment variable name {kind(value)}:"
+            " use letters, digits and '_', not starting with a digit"
+        )
+    return value
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ValueError(f"must be a string, number or true/false (got {kind(value)})")
+
+
+def _at(value: object) -> datetime | date:
+    if isinstance(value, datetime | date):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(
+        "must be an ISO 8601 date-time such as 2025-06-01T09:30:00 or"
+        f" 2025-06-01 09:30:00+02:00 (got {kind(value)})"
+    )
+
+
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": DURATION_PATTERN},
+    ],
+}
+_SIZE_SCHEMA = {
+    "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": SIZE_PATTERN}]
+}
+Duration = Annotated[float, BeforeValidator(_duration), WithJsonSchema(_DURATION_SCHEMA)]
+EnvName = Annotated[
+    str,
+    BeforeValidator(_env_name),
+    WithJsonSchema({"type": "string", "pattern": c.ENV_NAME_PATTERN}),
+]
+EnvValue = Annotated[
+    str, BeforeValidator(_env_value), WithJsonSchema({"type": ["string", "number", "boolean"]})
+]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _unset(description: str) -> Any:
+    """A key with no built-in default: None means "not written" (see
+    ``model_fields_set``); the validators never let an explicit null through."""
+    return Field(None, description=description, json_schema_extra=_no_default)
+
+
+_STRING = WithJsonSchema({"type": "string"})
+
+
+def _optional_path(value: object) -> str | None:
+    return None if value is None else _nonempty(value)
+
+
+class JobFields(BaseModel):
+    """A job, and ``defaults`` (a partial job). Every key is optional here
+    because ``defaults`` may supply it; ``model_fields_set`` tells what the
+    file wrote, and the loader applies the rules that need the merge."""
+
+    model_config = ConfigDict(
+        extra="forbid", title="Job", json_schema_extra={"description": "One scheduled job."}
+    )
+
+    task: Annotated[str | None, BeforeValidator(_nonempty), _STRING] = _unset(
+        "Task type name, from an installed plugin."
+    )
+    params: Annotated[
+        dict[str, Any] | None, BeforeValidator(_mapping), WithJsonSchema({"type": "object"})
+    ] = _unset("Parameters of the task type.")
+    cron: Annotated[str | None, BeforeValidator(_nonempty), _STRING] = _unset(
+        "crontab(5) expression, e.g. '*/5 * * * *' (one of cron, every, at)."
+    )
+    every: Annotated[
+        float | None, BeforeValidator(_positive_duration), WithJsonSchema(_DURATION_SCHEMA)
+    ] = _unset("Interval such as 90s, 5m, 1h30m (one of cron, every, at).")
+    at: Annotated[datetime | date | None, PlainValidator(_at), _STRING] = _unset(
+        "One-shot ISO 8601 date-time; naive: in the job's time zone (one of cron, every, at)."
+    )
+    timezone: Annotated[str | None, BeforeValidator(check_timezone), _STRING] = _unset(
+        "IANA time zone name; default: the top-level timezone."
+    )
+    jitter: Duration = Field(c.DEFAULT_JITTER, description="Random delay up to this long.")
+    timeout: Annotated[
+        float | None,
+        BeforeValidator(_timeout),
+        WithJsonSchema({"anyOf": [_DURATION_SCHEMA, {"type": "null"}]}),
+    ] = Field(c.DEFAULT_TIMEOUT, description="Stop a run after this long; null: never.")
+    kill_grace: Duration = Field(
+        c.DEFAULT_KILL_GRACE, description="Wait between SIGTERM and SIGKILL on timeout."
+    )
+    overlap: Annotated[c.Overlap, _choice(c.OVERLAP_POLICIES)] = Field(
+        c.DEFAULT_OVERLAP, description="When a run is due while one is running."
+    )
+    catchup: Annotated[c.Catchup, _choice(c.CATCHUP_POLICIES)] = Field(
+        c.DEFAULT_CATCHUP, description="Which missed runs to start after downtime."
+    )
+    catchup_window: Duration = Field(
+        c.DEFAULT_CATCHUP_WINDOW, description="How far back a missed run still counts."
+    )
+    retries: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+        c.DEFAULT_RETRIES, description="Extra attempts after a failed run."
+    )
+    retry_delay: Duration = Field(c.DEFAULT_RETRY_DELAY, description="Wait before a retry.")
+    env: Annotated[dict[EnvName, EnvValue], BeforeValidator(_mapping)] = Field(
+        default_factory=dict, description="Environment variables, merged with defaults' env."
+    )
+    log_rotation: Annotated[str, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)] = Field(
+        c.DEFAULT_LOG_ROTATION, description="Rotate the job's log file at this size."
+    )
+    log_retention: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+        c.DEFAULT_LOG_RETENTION, description="Rotated log files to keep."
+    )
+    enabled: Annotated[bool, BeforeValidator(_flag)] = Field(
+        c.DEFAULT_ENABLED, description="false: keep the job but never start it."
+    )
+    description: Annotated[str, BeforeValidator(_text)] = Field(
+        c.DEFAULT_DESCRIPTION, description="Free text, shown by schedd jobs."
+    )
+
+
+class ConfigFile(BaseModel):
+    """The whole file. The loader validates ``defaults`` and each job on its
+    own, so that one bad job does not hide problems in the others."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        title="schedd configuration",
+        json_schema_extra={"description": "schedd.yaml: time zone, state directory and jobs."},
+    )
+
+    timezone: Annotated[str, BeforeValidator(check_timezone)] = Field(
+        c.DEFAULT_TIMEZONE, description="IANA time zone name for jobs that set none."
+    )
+    state_dir: Annotated[str | None, BeforeValidator(_optional_path), _STRING] = _unset(
+        "Directory for run history and state; relative to this file."
+    )
+    defaults: JobFields | None = _unset("Keys applied to every job that does not set them.")
+    jobs: dict[str, JobFields] = Field(default_factory=dict, description="Jobs by id.")
+
+
+JOB_KEYS: list[str] = list(JobFields.model_fields)
+TOP_KEYS: list[str] = list(ConfigFile.model_fields)
+
+
+# -- JSON Schema ---------------------------------------------------------------
+
+
+def json_schema(registry: Registry) -> dict[str, Any]:
+    """See :func:`scheduler.config.config_json_schema`. All models go through one
+    ``models_json_schema`` call so that their ``$defs`` share one namespace."""
+    tasks = sorted(registry.task_types.values(), key=lambda t: t.name)
+    models: list[type[BaseModel]] = [ConfigFile, JobFields]
+    for task in tasks:
+        if task.params not in models:
+            models.append(task.params)
+    refs, bundle = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/$defs/{model}"
+    )
+    defs: dict[str, Any] = bundle["$defs"]
+    root = defs.pop(refs[(ConfigFile, "validation")]["$ref"].rsplit("/", 1)[1])
+    job_ref = refs[(JobFields, "validation")]["$ref"]
+    job = defs[job_ref.rsplit("/", 1)[1]]
+    job["properties"]["task"]["examples"] = [t.name for t in tasks]
+    job["allOf"] = [
+        {
+            "if": {"properties": {"task": {"const": t.name}}, "required": ["task"]},
+            "then": {"properties": {"params": refs[(t.params, "validation")]}},
+        }
+        for t in tasks
+    ]
+    pairs = [list(p) for p in itertools.combinations(c.TRIGGER_KEYS, 2)]
+    job["not"] = {"anyOf": [{"required": p} for p in pairs]}
+    root["properties"]["defaults"] = {
+        "$ref": job_ref,
+        "description": root["properties"]["defaults"].get("description", ""),
+    }
+    root["properties"]["jobs"] = {
+        "type": "object",
+        "description": root["properties"]["jobs"].get("description", ""),
+        "propertyNames": {"pattern": c.JOB_ID_PATTERN},
+        "additionalProperties": {"$ref": job_ref},
+    }
+    # Durations appear seven times: keep one copy under $defs.
+    defs = _share(defs, _DURATION_SCHEMA, "#/$defs/Duration")
+    defs["Duration"] = {
+        "description": "Seconds, or amounts with units ms, s, m, h, d, w: 250ms, 90s, 5m, 1h30m.",
+        **_DURATION_SCHEMA,
+    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **root, "$defs": defs}
+
+
+def _share(node: Any, shared: dict[str, Any], ref: str) -> Any:
+    """``node`` with each dict that contains all of ``shared`` using ``ref`` instead."""
+    if isinstance(node, dict):
+        if node and all(node.get(k) == v for k, v in shared.items()):
+            rest = {k: v for k, v in node.items() if k not in shared}
+            return {"$ref": ref, **rest}
+        return {k: _share(v, shared, ref) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_share(v, shared, ref) for v in node]
+    return node
