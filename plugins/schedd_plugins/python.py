@@ -1,0 +1,51 @@
+"""The ``python`` task: call ``pkg.module:function(*args, **kwargs)``.
+
+For functions that do not take a :class:`~scheduler.types.RunContext`: existing
+library code, management commands. The function's return value becomes the exit
+status by the same rules as any task (``scheduler.child.exit_status``): an ``int``
+is the status, ``None`` and non-int values mean success. A target that cannot be
+imported gives 127, like a missing command.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from scheduler.child import TARGET_PATTERN, exit_status, load_target
+from scheduler.hookspecs import hookimpl
+from scheduler.params import TaskParams
+from scheduler.types import TaskType
+
+if TYPE_CHECKING:
+    from scheduler.types import RunContext
+
+
+class PythonParams(TaskParams):
+    """``args``/``kwargs`` come from YAML, so they are plain JSON-like values."""
+
+    target: str = Field(
+        pattern=TARGET_PATTERN, description="function to call, as 'pkg.module:function'"
+    )
+    args: list[Any] = Field(default_factory=list, description="positional arguments")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
+
+
+@hookimpl
+def schedd_task_types() -> list[TaskType]:
+    return [
+        TaskType(
+            name="python",
+            target="schedd_plugins.python:run",
+            summary="Call a Python function 'pkg.module:function' with args and kwargs",
+            params=PythonParams,
+        )
+    ]
+
+
+def run(ctx: RunContext) -> int:
+    p = PythonParams.model_validate(ctx.params)
+    func = load_target(p.target)  # TargetError -> exit status 127 in the child
+    code, _ = exit_status(func(*p.args, **p.kwargs))
+    return code
