@@ -76,7 +76,8 @@ class RunResult:
 
     ``exit_code`` is set for ``success``/``failed`` exits; ``signal`` names the
     signal for ``killed``; ``error`` is the exception type name when the task
-    raised.
+    raised; ``reason`` says why schedd ended a ``killed`` run (cancelled,
+    replaced, shutdown, launcher lost).
     """
 
     status: RunStatus
@@ -85,6 +86,7 @@ class RunResult:
     exit_code: int | None = None
     signal: str | None = None
     error: str | None = None
+    reason: str | None = None
 
     @property
     def duration(self) -> float:
