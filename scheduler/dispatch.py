@@ -1,0 +1,467 @@
+"""Decide what each fire becomes: a run, a queued run, a retry, or a record of why not.
+
+APScheduler only says *when*; every policy (overlap, catch-up, jitter,
+retries) is decided here, on one thread, so no two decisions about a job can
+race. Other threads only put events on the queue: APScheduler's thread
+(fires), the runner's reader thread (run ends) and the control side (manual
+triggers, reloads, shutdown).
+
+Every fire ends as a record: a run outcome, or ``skipped``/``missed`` with the
+reason. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from scheduler.records import NODE, Recorder, RunRecord, new_run_id
+from scheduler.types import RunContext, RunInfo, RunResult, TaskType
+
+if TYPE_CHECKING:
+    from scheduler.config import JobSpec
+    from scheduler.hooks import HookCaller
+    from scheduler.logs import JobLogs
+    from scheduler.runner import RunHandle, Runner
+
+#: A slot whose fire arrives later than this is "late": the catch-up policy decides it.
+LATE_AFTER = 5.0
+#: At most this many missed slots of one job are run by ``catchup: all``.
+MAX_CATCHUP_RUNS = 100
+#: Exponential retry backoff never waits longer than this (seconds).
+MAX_RETRY_DELAY = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A request to start one attempt of one slot."""
+
+    slot: datetime | None
+    attempt: int = 1
+    reason: str = "scheduled"
+    force: bool = False
+
+
+@dataclass
+class _Active:
+    handle: RunHandle
+    start: Start
+    info: RunInfo
+    cancelled: str | None = None
+
+
+@dataclass
+class _JobState:
+    spec: JobSpec
+    active: dict[str, _Active] = field(default_factory=dict)
+    waiting: Start | None = None
+    backlog: deque[datetime] = field(default_factory=deque)
+    pending: int = 0  # starts waiting on a jitter or retry timer
+    removed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active) or self.pending > 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        runner: Runner,
+        task_types: Mapping[str, TaskType],
+        recorder: Recorder,
+        *,
+        job_logs: JobLogs | None = None,
+        hooks: HookCaller | None = None,
+        base_env: Mapping[str, str] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._runner = runner
+        self._task_types = task_types
+        self._recorder = recorder
+        self._job_logs = job_logs
+        self._hooks = hooks
+        self._base_env = dict(base_env or {})
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._states: dict[str, _JobState] = {}
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._idle = threading.Event()
+
+    # ---- called from other threads -------------------------------------------------
+    def start(self, jobs: Mapping[str, JobSpec]) -> None:
+        self._states = {j: _JobState(spec) for j, spec in jobs.items()}
+        self._thread = threading.Thread(target=self._loop, name="schedd-dispatch", daemon=True)
+        self._thread.start()
+
+    def fire(self, job_id: str, slots: list[datetime]) -> None:
+        """APScheduler's executor hands every due slot here, late ones included."""
+        self._events.put(("fire", job_id, slots))
+
+    def missed(self, job_id: str, slots: list[datetime], more: int) -> None:
+        """Slots the trigger jumped over because the daemon fell far behind."""
+        self._events.put(("missed", job_id, slots, more))
+
+    def trigger(self, job_id: str, *, force: bool = False) -> None:
+        self._events.put(("trigger", job_id, force))
+
+    def update_jobs(self, jobs: Mapping[str, JobSpec]) -> None:
+        self._events.put(("update", dict(jobs)))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the dispatcher thread (for tests and the control side)."""
+        self._events.put(("call", fn))
+
+    def running(self) -> list[RunInfo]:
+        return [a.info for s in list(self._states.values()) for a in list(s.active.values())]
+
+    def drain(self, grace: float) -> bool:
+        """Stop starting runs; wait up to ``grace`` s for active runs. True if all ended."""
+        self._idle.clear()
+        self._events.put(("drain",))
+        return self._idle.wait(grace)
+
+    def stop(self) -> None:
+        self._events.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # ---- the dispatcher thread ----------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                event = None
+            self._run_due_timers()
+            if event is None:
+                continue
+            if event[0] == "stop":
+                return
+            try:
+                self._handle(event)
+            except Exception as exc:  # a bug here must not stop all scheduling
+                logger.opt(exception=exc).error(f"dispatcher error handling {event[0]}: {exc!r}")
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "fire":
+            self._on_fire(event[1], event[2])
+        elif kind == "done":
+            self._on_done(event[1], event[2], event[3])
+        elif kind == "missed":
+            for slot in event[2]:
+                self._missed(event[1], slot, "daemon fell behind (stalled or suspended)")
+            if event[3]:
+                logger.warning(f"job {event[1]!r}: more missed slots than could be listed")
+        elif kind == "trigger":
+            state = self._states.get(event[1])
+            if state is not None and not state.removed:
+                self._request(state, Start(None, reason="manual trigger", force=event[2]))
+        elif kind == "update":
+            self._on_update(event[1])
+        elif kind == "call":
+            event[1]()
+        elif kind == "drain":
+            self._on_drain()
+        self._check_idle()
+
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception as exc:
+                logger.opt(exception=exc).error(f"dispatcher timer failed: {exc!r}")
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._accepting and not any(s.busy for s in self._states.values()):
+            self._idle.set()
+
+    # ---- policies -------------------------------------------------------------------
+    def _on_fire(self, job_id: str, slots: list[datetime]) -> None:
+        state = self._states.get(job_id)
+        if state is None or state.removed:
+            return
+        spec = state.spec
+        if not self._accepting:
+            for slot in slots:
+                self._skip(spec.id, slot, "daemon is shutting down")
+            return
+        now = self._clock()
+        late = [s for s in slots if (now - s).total_seconds() > LATE_AFTER]
+        on_time = [s for s in slots if (now - s).total_seconds() <= LATE_AFTER]
+        window = timedelta(seconds=spec.catchup_window)
+        catchable = []
+        for slot in late:
+            if now - slot > window:
+                self._missed(spec.id, slot, f"older than catchup_window when fired at {now:%T}")
+            else:
+                catchable.append(slot)
+        if catchable:
+            if spec.catchup == "none":
+                for slot in catchable:
+                    self._missed(spec.id, slot, "fired late and catchup is none")
+            elif spec.catchup == "latest":
+                keep = None if on_time else catchable[-1]
+                for slot in catchable:
+                    if slot is not keep:
+                        self._missed(spec.id, slot, "superseded by a later slot (catchup: latest)")
+                if keep is not None:
+                    self._request(state, Start(keep, reason="late fire (catchup: latest)"))
+            else:  # all
+                for slot in (
+                    catchable[:-MAX_CATCHUP_RUNS] if len(catchable) > MAX_CATCHUP_RUNS else []
+                ):
+                    self._missed(spec.id, slot, f"more than {MAX_CATCHUP_RUNS} slots to catch up")
+                state.backlog.extend(catchable[-MAX_CATCHUP_RUNS:])
+                self._pump(state)
+        for slot in on_time:
+            self._request(state, Start(slot))
+
+    def _request(self, state: _JobState, start: Start) -> None:
+        spec = state.spec
+        if start.force or spec.overlap == "allow" or not state.busy:
+            self._begin(state, start)
+            return
+        running = ", ".join(state.active) or "a pending start"
+        if spec.overlap == "skip":
+            self._skip(spec.id, start.slot, f"previous run still active ({running}); overlap: skip")
+        elif spec.overlap == "queue":
+            if state.waiting is not None:
+                self._skip(spec.id, start.slot, "one run is already queued; overlap: queue")
+            else:
+                state.waiting = start
+        else:  # replace
+            if state.waiting is not None:
+                self._skip(
+                    spec.id, state.waiting.slot, "replaced by a newer slot before it started"
+                )
+            state.waiting = start
+            for run_id, act in state.active.items():
+                if act.cancelled is None:
+                    act.cancelled = "replaced by a newer run (overlap: replace)"
+                    act.handle.cancel(act.cancelled)
+                    logger.info(f"job {spec.id!r}: ending run {run_id} to replace it")
+
+    def _begin(self, state: _JobState, start: Start) -> None:
+        jitter = state.spec.jitter
+        if jitter > 0 and start.attempt == 1 and not start.force:
+            delay = self._rng.uniform(0, jitter)
+            state.pending += 1
+
+            def go() -> None:
+                state.pending -= 1
+                self._launch(state, start)
+
+            self._after(delay, go)
+        else:
+            self._launch(state, start)
+
+    def _launch(self, state: _JobState, start: Start) -> None:
+        from scheduler.runner import RunRequest
+
+        spec = state.spec
+        if state.removed or not self._accepting:
+            self._skip(spec.id, start.slot, "job removed or daemon stopping before start")
+            return
+        run_id = new_run_id()
+        task = self._task_types.get(spec.task)
+        if task is None:
+            self._record(spec.id, run_id, start, "failed", reason=f"task {spec.task!r} unavailable")
+            return
+        ctx = RunContext(
+            job_id=spec.id,
+            run_id=run_id,
+            task=spec.task,
+            params=spec.params,
+            scheduled_for=start.slot,
+            attempt=start.attempt,
+            timeout=spec.timeout,
+        )
+        env = {**self._base_env, **spec.env, **_run_env(spec.id, run_id, start)}
+        request = RunRequest(
+            run_id=run_id,
+            job_id=spec.id,
+            target=task.target,
+            ctx=ctx,
+            env=env,
+            timeout=spec.timeout,
+            kill_grace=spec.kill_grace,
+        )
+        try:
+            handle = self._runner.launch(request)
+        except Exception as exc:
+            logger.opt(exception=exc).error(f"job {spec.id!r}: could not launch: {exc!r}")
+            self._record(spec.id, run_id, start, "failed", reason=f"could not launch: {exc}")
+            return
+        info = RunInfo(
+            job_id=spec.id,
+            run_id=run_id,
+            task=spec.task,
+            scheduled_for=start.slot,
+            started_at=handle.started_at,
+            attempt=start.attempt,
+            pid=handle.pid,
+            node=NODE,
+        )
+        state.active[run_id] = _Active(handle, start, info)
+        if self._job_logs is not None:
+            slot = start.slot.isoformat() if start.slot else "none"
+            self._job_logs.note(
+                spec.id, run_id, f"started: {start.reason}, slot {slot}, attempt {start.attempt}"
+            )
+        if self._hooks is not None:
+            self._hooks.started(info)
+        handle.add_done_callback(lambda result: self._events.put(("done", spec.id, run_id, result)))
+
+    def _on_done(self, job_id: str, run_id: str, result: RunResult) -> None:
+        state = self._states.get(job_id)
+        act = state.active.pop(run_id, None) if state else None
+        if state is None or act is None:
+            return
+        spec = state.spec
+        reason = act.cancelled or result.reason or ""
+        self._records(
+            RunRecord(
+                run_id=run_id,
+                job=job_id,
+                scheduled_for=act.start.slot,
+                status=result.status,
+                attempt=act.start.attempt,
+                started_at=result.started_at,
+                ended_at=result.ended_at,
+                exit_code=result.exit_code,
+                signal=result.signal,
+                error=result.error,
+                pid=act.info.pid or act.handle.pid,
+                reason=reason,
+            )
+        )
+        if self._job_logs is not None:
+            self._job_logs.note(job_id, run_id, f"ended: {_describe(result)}")
+        if self._hooks is not None:
+            self._hooks.finished(act.info, result)
+        retryable = result.status in ("failed", "timeout") or (
+            result.status == "killed" and act.cancelled is None
+        )
+        if (
+            retryable
+            and act.start.attempt <= spec.retries
+            and self._accepting
+            and not state.removed
+        ):
+            delay = min(spec.retry_delay * 2 ** (act.start.attempt - 1), MAX_RETRY_DELAY)
+            nxt = Start(act.start.slot, act.start.attempt + 1, f"retry after {result.status}")
+            logger.info(
+                f"job {job_id!r}: attempt {nxt.attempt} in {delay:g}s after {result.status}"
+            )
+            state.pending += 1
+
+            def retry() -> None:
+                state.pending -= 1
+                self._launch(state, nxt)
+                self._pump(state)
+
+            self._after(delay, retry)
+        self._pump(state)
+
+    def _pump(self, state: _JobState) -> None:
+        """Start the queued or catch-up run once the job is free."""
+        if state.busy or not self._accepting or state.removed:
+            return
+        if state.waiting is not None:
+            start, state.waiting = state.waiting, None
+            self._begin(state, start)
+        elif state.backlog:
+            slot = state.backlog.popleft()
+            self._begin(state, Start(slot, reason="catch-up (catchup: all)"))
+
+    def _on_update(self, jobs: dict[str, JobSpec]) -> None:
+        for job_id, state in list(self._states.items()):
+            if job_id not in jobs:
+                state.removed = True
+                self._drop_waiting(state, "job removed by reload")
+                if not state.active:
+                    del self._states[job_id]
+        for job_id, spec in jobs.items():
+            existing = self._states.get(job_id)
+            if existing is None:
+                self._states[job_id] = _JobState(spec)
+            else:
+                existing.spec, existing.removed = spec, False
+
+    def _on_drain(self) -> None:
+        self._accepting = False
+        for state in self._states.values():
+            self._drop_waiting(state, "daemon is shutting down")
+
+    def _drop_waiting(self, state: _JobState, reason: str) -> None:
+        if state.waiting is not None:
+            self._skip(state.spec.id, state.waiting.slot, reason)
+            state.waiting = None
+        while state.backlog:
+            self._skip(state.spec.id, state.backlog.popleft(), reason)
+
+    # ---- records --------------------------------------------------------------------
+    def _skip(self, job_id: str, slot: datetime | None, reason: str) -> None:
+        self._records(RunRecord(new_run_id(), job_id, slot, "skipped", reason=reason))
+
+    def _missed(self, job_id: str, slot: datetime, reason: str) -> None:
+        self._records(RunRecord(new_run_id(), job_id, slot, "missed", reason=reason))
+
+    def _record(self, job_id: str, run_id: str, start: Start, status: Any, reason: str) -> None:
+        now = self._clock()
+        self._records(
+            RunRecord(run_id, job_id, start.slot, status, start.attempt, now, now, reason=reason)
+        )
+
+    def _records(self, rec: RunRecord) -> None:
+        try:
+            self._recorder.record(rec)
+        except Exception as exc:
+            logger.opt(exception=exc).error(f"could not record {rec.summary()}: {exc!r}")
+
+
+def _run_env(job_id: str, run_id: str, start: Start) -> dict[str, str]:
+    return {
+        "SCHEDD_JOB_ID": job_id,
+        "SCHEDD_RUN_ID": run_id,
+        "SCHEDD_SCHEDULED_FOR": start.slot.isoformat() if start.slot else "",
+        "SCHEDD_ATTEMPT": str(start.attempt),
+    }
+
+
+def _describe(result: RunResult) -> str:
+    text: str = result.status
+    if result.exit_code is not None:
+        text += f", exit code {result.exit_code}"
+    if result.signal:
+        text += f", signal {result.signal}"
+    if result.error:
+        text += f", {result.error}"
+    return text + f", {result.duration:.3f}s"
