@@ -22,7 +22,7 @@ from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
-from scheduler.dispatch import LATE_AFTER, MAX_CATCHUP_RUNS
+from scheduler.catchup import LATE_AFTER, MAX_CATCHUP_RUNS
 
 if TYPE_CHECKING:
     from scheduler.config import JobSpec

@@ -21,11 +21,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from scheduler.catchup import decide
 from scheduler.records import NODE, Recorder, RunRecord, new_run_id
 from scheduler.types import RunContext, RunInfo, RunResult, TaskType
 
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
     from scheduler.logs import JobLogs
     from scheduler.runner import RunHandle, Runner
 
-#: A slot whose fire arrives later than this is "late": the catch-up policy decides it.
-LATE_AFTER = 5.0
-#: At most this many missed slots of one job are run by ``catchup: all``.
-MAX_CATCHUP_RUNS = 100
 #: Exponential retry backoff never waits longer than this (seconds).
 MAX_RETRY_DELAY = 3600.0
 
@@ -212,36 +209,14 @@ class Dispatcher:
             for slot in slots:
                 self._skip(spec.id, slot, "daemon is shutting down")
             return
-        now = self._clock()
-        late = [s for s in slots if (now - s).total_seconds() > LATE_AFTER]
-        on_time = [s for s in slots if (now - s).total_seconds() <= LATE_AFTER]
-        window = timedelta(seconds=spec.catchup_window)
-        catchable = []
-        for slot in late:
-            if now - slot > window:
-                self._missed(spec.id, slot, f"older than catchup_window when fired at {now:%T}")
-            else:
-                catchable.append(slot)
-        if catchable:
-            if spec.catchup == "none":
-                for slot in catchable:
-                    self._missed(spec.id, slot, "fired late and catchup is none")
-            elif spec.catchup == "latest":
-                keep = None if on_time else catchable[-1]
-                for slot in catchable:
-                    if slot is not keep:
-                        self._missed(spec.id, slot, "superseded by a later slot (catchup: latest)")
-                if keep is not None:
-                    self._request(state, Start(keep, reason="late fire (catchup: latest)"))
-            else:  # all
-                for slot in (
-                    catchable[:-MAX_CATCHUP_RUNS] if len(catchable) > MAX_CATCHUP_RUNS else []
-                ):
-                    self._missed(spec.id, slot, f"more than {MAX_CATCHUP_RUNS} slots to catch up")
-                state.backlog.extend(catchable[-MAX_CATCHUP_RUNS:])
-                self._pump(state)
-        for slot in on_time:
-            self._request(state, Start(slot))
+        plan = decide(slots, self._clock(), spec.catchup, spec.catchup_window)
+        for slot, why in plan.missed:
+            self._missed(spec.id, slot, why)
+        for slot, why in plan.run:
+            self._request(state, Start(slot, reason=why))
+        if plan.backlog:
+            state.backlog.extend(plan.backlog)
+            self._pump(state)
 
     def _request(self, state: _JobState, start: Start) -> None:
         spec = state.spec
@@ -330,6 +305,21 @@ class Dispatcher:
             node=NODE,
         )
         state.active[run_id] = _Active(handle, start, info)
+        try:
+            self._recorder.started(
+                RunRecord(
+                    run_id,
+                    spec.id,
+                    start.slot,
+                    "running",
+                    start.attempt,
+                    started_at=handle.started_at,
+                    pid=handle.pid,
+                    reason=start.reason,
+                )
+            )
+        except Exception as exc:
+            logger.opt(exception=exc).error(f"could not record the start of {run_id}: {exc!r}")
         if self._job_logs is not None:
             slot = start.slot.isoformat() if start.slot else "none"
             self._job_logs.note(

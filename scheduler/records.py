@@ -18,7 +18,9 @@ from typing import Literal, Protocol
 
 from loguru import logger
 
-RecordStatus = Literal["success", "failed", "timeout", "killed", "skipped", "missed", "lost"]
+RecordStatus = Literal[
+    "running", "success", "failed", "timeout", "killed", "skipped", "missed", "lost"
+]
 
 
 def new_run_id() -> str:
@@ -67,11 +69,20 @@ class RunRecord:
 
 
 class Recorder(Protocol):
-    def record(self, rec: RunRecord) -> None: ...
+    """Where run records go. Called on the dispatcher thread: must not block."""
+
+    def started(self, rec: RunRecord) -> None:
+        """A run's process was launched (``rec.status == "running"``)."""
+
+    def record(self, rec: RunRecord) -> None:
+        """A final outcome: a run ended, or a slot was skipped or missed."""
 
 
 class LogRecorder:
     """Records outcomes in the daemon log until a durable ledger is configured."""
+
+    def started(self, rec: RunRecord) -> None:
+        pass  # the job log already says so; the daemon log keeps outcomes only
 
     def record(self, rec: RunRecord) -> None:
         level = "INFO" if rec.status == "success" else "WARNING"

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from scheduler.config import JobSpec, load_config
-from scheduler.dispatch import MAX_CATCHUP_RUNS, Dispatcher
+from scheduler.catchup import MAX_CATCHUP_RUNS
+from scheduler.dispatch import Dispatcher
 from scheduler.plugins import load_plugins
 from scheduler.records import RunRecord
 from scheduler.types import RunResult
@@ -60,6 +61,10 @@ class FakeRunner:
 class ListRecorder:
     def __init__(self) -> None:
         self.records: list[RunRecord] = []
+        self.running: list[RunRecord] = []
+
+    def started(self, rec: RunRecord) -> None:
+        self.running.append(rec)
 
     def record(self, rec: RunRecord) -> None:
         self.records.append(rec)
