@@ -69,6 +69,9 @@ DEFAULT_LOG_ROTATION: Final = "10 MB"
 DEFAULT_LOG_RETENTION: Final = 5
 DEFAULT_ENABLED: Final = True
 DEFAULT_DESCRIPTION: Final = ""
+DEFAULT_RERUN_LOST: Final = False
+DEFAULT_HISTORY_LIMIT: Final = 1000
+DEFAULT_HISTORY_MAX_AGE: Final = 90 * 86400.0
 
 #: Every job key with a built-in default (durations in seconds), for docs and ``schedd``.
 JOB_DEFAULTS: Final[dict[str, Any]] = {
@@ -85,6 +88,9 @@ JOB_DEFAULTS: Final[dict[str, Any]] = {
     "log_retention": DEFAULT_LOG_RETENTION,
     "enabled": DEFAULT_ENABLED,
     "description": DEFAULT_DESCRIPTION,
+    "rerun_lost": DEFAULT_RERUN_LOST,
+    "history_limit": DEFAULT_HISTORY_LIMIT,
+    "history_max_age": DEFAULT_HISTORY_MAX_AGE,
 }
 
 OVERLAP_POLICIES: Final = ("skip", "queue", "replace", "allow")
@@ -125,6 +131,9 @@ class JobSpec:
     log_retention: int = DEFAULT_LOG_RETENTION
     enabled: bool = DEFAULT_ENABLED
     description: str = DEFAULT_DESCRIPTION
+    rerun_lost: bool = DEFAULT_RERUN_LOST
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+    history_max_age: float = DEFAULT_HISTORY_MAX_AGE
     line: int = 0
 
 

@@ -281,6 +281,16 @@ class JobFields(BaseModel):
     description: Annotated[str, BeforeValidator(_text)] = Field(
         c.DEFAULT_DESCRIPTION, description="Free text, shown by schedd jobs."
     )
+    rerun_lost: Annotated[bool, BeforeValidator(_flag)] = Field(
+        c.DEFAULT_RERUN_LOST,
+        description="Re-run a slot once if the daemon died while it was running.",
+    )
+    history_limit: Annotated[int, Field(ge=1), BeforeValidator(_count)] = Field(
+        c.DEFAULT_HISTORY_LIMIT, description="Run records kept per job in the ledger."
+    )
+    history_max_age: Duration = Field(
+        c.DEFAULT_HISTORY_MAX_AGE, description="Run records older than this are pruned."
+    )
 
 
 class ConfigFile(BaseModel):

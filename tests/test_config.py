@@ -915,6 +915,9 @@ JOB_KEYS = {
     "log_retention",
     "enabled",
     "description",
+    "rerun_lost",
+    "history_limit",
+    "history_max_age",
 }
 
 
