@@ -61,27 +61,36 @@ class ScheduleTrigger(BaseTrigger):  # type: ignore[misc]
         now = now.astimezone(UTC)
         if previous_fire_time is None:
             return self._next(now - timedelta(microseconds=1))
+        late_line = now - timedelta(seconds=LATE_AFTER)
         nxt = self._next(previous_fire_time)
-        if nxt is None or nxt > now - timedelta(seconds=LATE_AFTER):
+        if nxt is not None and nxt <= late_line and nxt < now - self.lookback:
+            # Older than the catch-up window: jump to the first slot inside it.
+            nxt = self._jump(nxt, now - self.lookback)
+        if nxt is None or nxt > late_line:
             self._behind = 0
             return nxt
         self._behind += 1
-        if nxt >= now - self.lookback and self._behind <= MAX_CATCHUP_RUNS:
-            return nxt
-        # Too far behind: jump to the present and account for every slot skipped.
-        resume = self._next(now - timedelta(seconds=LATE_AFTER))
+        if self._behind > MAX_CATCHUP_RUNS:
+            # More late slots than catch-up would ever run: jump to the present.
+            self._behind = 0
+            return self._jump(nxt, late_line)
+        return nxt
+
+    def _jump(self, first: datetime, to: datetime) -> datetime | None:
+        """Skip from ``first`` to the first slot at or after ``to``, reporting each
+        skipped slot (the first MAX_MISSED_RECORDS of them) as missed."""
+        resume = self._next(to - timedelta(microseconds=1))
         skipped: list[datetime] = []
-        uncounted = 0
-        t: datetime | None = nxt
+        more = 0
+        t: datetime | None = first
         while t is not None and (resume is None or t < resume):
-            if len(skipped) < MAX_MISSED_RECORDS:
-                skipped.append(t)
-                t = self._next(t)
-            else:
-                uncounted = 1  # "and more"; counting further could take very long
+            if len(skipped) == MAX_MISSED_RECORDS:
+                more = 1  # counting further could take very long
                 break
-        self._behind = 0
-        self.on_missed(self.job_id, skipped, uncounted)
+            skipped.append(t)
+            t = self._next(t)
+        if skipped:
+            self.on_missed(self.job_id, skipped, more)
         return resume
 
     def __str__(self) -> str:
@@ -121,12 +130,21 @@ class Clock:
             },
         )
 
-    def add(self, spec: JobSpec) -> None:
+    def add(self, spec: JobSpec, *, after: datetime | None = None) -> None:
+        """Schedule ``spec``. With ``after`` (the last slot the ledger saw handled),
+        the first fire is the slot following it, so slots missed while the daemon
+        was down come due at once and go through the catch-up policy."""
         if not spec.enabled:
             return
         trigger = ScheduleTrigger(spec.id, spec.schedule, spec.catchup_window, self._on_missed)
+        extra: dict[str, Any] = {}
+        if after is not None:
+            first = trigger._next(after)
+            if first is None:
+                return  # a one-shot whose slot was already handled
+            extra["next_run_time"] = first
         self._scheduler.add_job(
-            _never_called, trigger=trigger, id=spec.id, name=spec.id, replace_existing=True
+            _never_called, trigger=trigger, id=spec.id, name=spec.id, replace_existing=True, **extra
         )
 
     def remove(self, job_id: str) -> None:

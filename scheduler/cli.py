@@ -126,13 +126,51 @@ def _display_path(path: Path) -> str:
 
 @main.command()
 @config_option
+@click.option("--state-dir", metavar="DIR", help="Ask the daemon of this state dir.")
 @json_option
 @_friendly_errors
-def jobs(config_path: str | None, as_json: bool) -> None:
-    """List jobs with their schedule in words and next fire time."""
-    config, _ = _load(config_path)
+def jobs(config_path: str | None, state_dir: str | None, as_json: bool) -> None:
+    """List jobs: schedule in words, next fire; live state when a daemon runs.
+
+    With a running daemon (found through --state-dir or the config's
+    state_dir) the rows come from it: paused or not, last outcome. Without
+    one they are computed from the config file.
+    """
+    from scheduler.cli_runs import live_jobs
+
+    rows = live_jobs(state_dir, config_path) if state_dir or config_path or _has_config() else None
+    live = rows is not None
+    if rows is None:
+        rows = _offline_jobs(config_path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from scheduler.cli_control import when
+
+    table = []
+    for r in rows:
+        nxt = r["next_fire"]
+        state = "disabled" if not r["enabled"] else ("paused" if r.get("paused") else "")
+        last = r.get("last") or {}
+        cells = [str(r["id"]), str(r["task"]), str(r["trigger"]), str(r["timezone"])]
+        cells.append(state or (when(nxt) if live and nxt else str(nxt or "never")))
+        if live:
+            cells.append(f"{last.get('status', '-')} {when(last.get('ended_at'))}" if last else "-")
+        table.append(cells)
+    headers = ["JOB", "TASK", "TRIGGER", "TZ", "NEXT FIRE"] + (["LAST"] if live else [])
+    click.echo(_table(headers, table))
+
+
+def _has_config() -> bool:
+    import os
+
+    return bool(os.environ.get("SCHEDD_CONFIG")) or Path("schedd.yaml").is_file()
+
+
+def _offline_jobs(config_path: str | None) -> list[dict[str, Any]]:
     from datetime import UTC
 
+    config, _ = _load(config_path)
     now = datetime.now(UTC)
     rows = []
     for job in config.jobs.values():
@@ -144,24 +182,13 @@ def jobs(config_path: str | None, as_json: bool) -> None:
                 "trigger": job.schedule.describe(),
                 "timezone": job.timezone,
                 "enabled": job.enabled,
+                "paused": None,
                 "next_fire": nxt.isoformat() if nxt else None,
+                "last": None,
                 "description": job.description,
             }
         )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = [
-        [
-            str(r["id"]),
-            str(r["task"]),
-            str(r["trigger"]),
-            str(r["timezone"]),
-            str(r["next_fire"] or ("disabled" if not r["enabled"] else "never")),
-        ]
-        for r in rows
-    ]
-    click.echo(_table(["JOB", "TASK", "TRIGGER", "TZ", "NEXT FIRE"], table))
+    return rows
 
 
 @main.command(name="next")
@@ -276,7 +303,11 @@ def run(config_path: str | None, state_dir: str | None, shutdown_grace: str) -> 
     for warning in config.warnings:
         click.echo(str(warning), err=True)
     daemon = Daemon(
-        config, registry, resolve_state_dir(state_dir, config), pm=pm, shutdown_grace=grace
+        config,
+        registry,
+        resolve_state_dir(state_dir, config.state_dir),
+        pm=pm,
+        shutdown_grace=grace,
     )
     sys.exit(daemon.run())
 
@@ -340,6 +371,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
+
+def _register_commands() -> None:
+    from scheduler.cli_control import register
+    from scheduler.cli_runs import history
+
+    register(main)
+    main.add_command(history)
+
+
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,24 +1,26 @@
-"""The daemon: owns the state dir, the clock, the dispatcher and the runner.
+"""The daemon: owns the state dir, the clock, the dispatcher, the runner and the ledger.
 
-Foreground only (systemd style). Start-up order matters: the runner's fork
-server is exec'd before any thread exists, and the config is validated
-completely before anything is locked, logged or launched, so a bad file
-changes nothing.
+Foreground only (systemd style). Start-up order matters: the config is
+validated completely before anything is locked, logged or launched, so a bad
+file changes nothing; the runner's fork server is exec'd before APScheduler's
+threads start; runs a dead predecessor left behind are ended and recorded
+``lost`` before anything new runs.
 
-Signals are turned into events for the main thread: SIGTERM/SIGINT drain and
-exit 0, SIGHUP reloads (a bad new file leaves the running config untouched,
-as nginx does).
+Signals and control commands become events for the main thread: SIGTERM/
+SIGINT drain and exit 0, SIGHUP reloads (a bad new file leaves the running
+config untouched, as nginx does).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,52 +29,23 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from scheduler.errors import ConfigError, ScheddError
+from scheduler.statedir import (
+    StateDirLock,
+    base_env,
+    default_state_dir,
+    make_private_dir,
+    resolve_state_dir,
+)
 
 if TYPE_CHECKING:
     from scheduler.config import Config, JobSpec
+    from scheduler.ledger import Ledger
     from scheduler.plugins import Registry
 
-LOCK_FILE = "schedd.lock"
 #: How long SIGTERM waits for running runs before ending their process trees.
 DEFAULT_SHUTDOWN_GRACE = 30.0
-#: Variables a run inherits from the daemon's environment; everything else is
-#: dropped so the daemon's own secrets never reach a job it did not name them for.
-BASE_ENV_KEYS = (
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "SHELL",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-)
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-
-def default_state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/schedd")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "schedd"
-
-
-def resolve_state_dir(explicit: str | None, config: Config) -> Path:
-    if explicit:
-        return Path(explicit).expanduser().resolve()
-    if config.state_dir is not None:
-        return config.state_dir
-    return default_state_dir()
-
-
-def base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    environ = os.environ if environ is None else environ
-    env = {k: v for k, v in environ.items() if k in BASE_ENV_KEYS or k.startswith("LC_")}
-    env.setdefault("PATH", DEFAULT_PATH)
-    return env
+__all__ = ["Daemon", "ReloadResult", "base_env", "default_state_dir", "resolve_state_dir"]
 
 
 def builtin_task_modules(registry: Registry) -> list[str]:
@@ -85,35 +58,6 @@ def builtin_task_modules(registry: Registry) -> list[str]:
     return sorted(
         {t.target.partition(":")[0] for t in registry.task_types.values() if t.plugin in own}
     )
-
-
-class StateDirLock:
-    """An exclusive flock on the state dir; the kernel drops it when we die,
-    so a stale lock file never blocks a restart and is never used to signal anyone."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ScheddError(
-                f"another schedd daemon (pid {holder}) is using {self.path.parent}; "
-                "stop it first or pass a different --state-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass
@@ -149,28 +93,34 @@ class Daemon:
         self.echo = echo
         self.started_at = datetime.now(UTC)
         self.last_reload: ReloadResult | None = None
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.ledger: Ledger | None = None
+        self.paused: set[str] = set()
+        self._pause_lock = threading.Lock()
+        self._events: queue.SimpleQueue[tuple[str, Future[Any] | None]] = queue.SimpleQueue()
 
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
         from scheduler.apsched import Clock
+        from scheduler.control_api import DaemonControl
+        from scheduler.control_server import ControlServer
         from scheduler.dispatch import Dispatcher
         from scheduler.hooks import HookCaller
+        from scheduler.ledger import LEDGER_FILE, Ledger
         from scheduler.logs import JobLogs, setup_daemon_logging
-        from scheduler.records import LogRecorder
+        from scheduler.records import LogRecorder, TeeRecorder
         from scheduler.runner import Runner
 
-        old_umask = os.umask(0o077)
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        finally:
-            os.umask(old_umask)
+        make_private_dir(self.state_dir)
         lock = StateDirLock(self.state_dir)
         lock.acquire()
+        control = None
         try:
             setup_daemon_logging(self.state_dir, echo=self.echo)
+            self.ledger = ledger = Ledger.open(self.state_dir / LEDGER_FILE)
+            lost = self._recover(ledger)
+            self.paused = ledger.paused() & set(self.config.jobs)
             self.job_logs = JobLogs(self.state_dir / "logs")
-            self._apply_log_policies(self.config.jobs)
+            self._apply_job_policies(self.config.jobs)
             self.runner = Runner(
                 on_line=self.job_logs.write,
                 on_event=self._on_run_event,
@@ -182,52 +132,133 @@ class Daemon:
             self.dispatcher = Dispatcher(
                 self.runner,
                 self.registry.task_types,
-                LogRecorder(),
+                TeeRecorder(ledger, LogRecorder()),
                 job_logs=self.job_logs,
                 hooks=self.hooks,
                 base_env=base_env(),
             )
             self.clock = Clock(self.dispatcher, self.dispatcher.missed)
+            last_slots = ledger.last_slots()
             for spec in self.config.jobs.values():
-                self.clock.add(spec)
+                if spec.id not in self.paused:
+                    self.clock.add(spec, after=last_slots.get(spec.id))
             self.dispatcher.start(self.config.jobs)
             self._install_signals()
+            self._rerun_lost(lost)  # before the clock: a lost slot goes first
             self.clock.start()
+            control = ControlServer(self.state_dir / "control.sock", DaemonControl(self))
+            control.start()
             enabled = sum(1 for j in self.config.jobs.values() if j.enabled)
             logger.info(
                 f"schedd {os.getpid()} started: {self.config.path}, {len(self.config.jobs)} jobs "
-                f"({enabled} enabled), state dir {self.state_dir}"
+                f"({enabled} enabled, {len(self.paused)} paused), state dir {self.state_dir}"
             )
             return self._main_loop()
         finally:
+            if control is not None:
+                control.close()
+            if self.ledger is not None:
+                self.ledger.close()
             lock.release()
 
+    def _recover(self, ledger: Ledger) -> list[Any]:
+        """Record runs a dead daemon left ``running`` as ``lost``; end their survivors."""
+        from scheduler.records import NODE
+        from scheduler.recovery import end_run_processes
+
+        lost = ledger.recover(NODE)
+        if lost:
+            ids = [x.record.run_id for x in lost]
+            logger.warning(f"{len(lost)} run(s) were running when the last daemon died: lost")
+            for x in lost:
+                logger.warning(x.record.summary())
+            end_run_processes(ids)
+        return lost
+
+    def _rerun_lost(self, lost: list[Any]) -> None:
+        """Re-run each lost slot once for jobs with ``rerun_lost: true``.
+
+        A slot that was already lost twice (the run and its re-run) is not
+        tried again, so a job that kills the daemon every time cannot loop.
+        """
+        assert self.ledger is not None
+        for x in lost:
+            rec = x.record
+            spec = self.config.jobs.get(rec.job)
+            if spec is None or not spec.rerun_lost or rec.scheduled_for is None:
+                continue
+            history = self.ledger.history(rec.job, limit=1000, status="lost")
+            times = Counter(h["scheduled_for"] for h in history)
+            slot_text = rec.scheduled_for.isoformat()
+            if max((n for s, n in times.items() if _same_instant(s, slot_text)), default=0) > 1:
+                logger.warning(f"job {rec.job!r}: slot {slot_text} was lost twice; not re-run")
+                continue
+            answer = self.dispatcher.start_slot(
+                rec.job, rec.scheduled_for, f"rerun of lost run {rec.run_id}", rec.attempt + 1
+            )
+            logger.info(f"job {rec.job!r}: re-running lost slot {slot_text}: {answer['message']}")
+
     def _main_loop(self) -> int:
-        idle_check = time.monotonic()
+        last_tick = time.monotonic()
         while True:
             try:
-                event = self._events.get(timeout=60)
+                kind, reply = self._events.get(timeout=60)
             except queue.Empty:
-                event = "tick"
-            if event == "stop":
+                kind, reply = "tick", None
+            if kind == "stop":
                 self._shutdown()
                 return 0
-            if event == "reload":
-                self.reload()
-            if time.monotonic() - idle_check >= 60:
-                idle_check = time.monotonic()
+            if kind == "reload":
+                result = self.reload()
+                if reply is not None:
+                    reply.set_result(result)
+            now = time.monotonic()
+            if now - last_tick >= 60:
+                last_tick = now
                 self.job_logs.close_idle()
 
     def request(self, event: str) -> None:
-        """Ask the main thread to ``stop`` or ``reload`` (signal handlers and control use it)."""
-        self._events.put(event)
+        """Ask the main thread to ``stop`` or ``reload`` (signal handlers use it)."""
+        self._events.put((event, None))
+
+    def ask_main(self, event: str, timeout: float = 60.0) -> Any:
+        """Run ``event`` on the main thread and wait for its result (control commands)."""
+        reply: Future[Any] = Future()
+        self._events.put((event, reply))
+        return reply.result(timeout)
+
+    def set_paused(self, jobs: list[str] | None, paused: bool) -> dict[str, Any]:
+        """Pause or resume jobs (None: all). Persisted, so a pause survives a restart."""
+        assert self.ledger is not None
+        ids = list(self.config.jobs) if jobs is None else jobs
+        unknown = [j for j in ids if j not in self.config.jobs]
+        if unknown:
+            raise ScheddError(f"no job {unknown[0]!r} in the running config")
+        changed, unchanged = [], []
+        with self._pause_lock:
+            for job_id in ids:
+                if (job_id in self.paused) == paused:
+                    unchanged.append(job_id)
+                    continue
+                self.ledger.set_paused(job_id, paused)
+                if paused:
+                    self.paused.add(job_id)
+                    self.clock.remove(job_id)
+                else:
+                    self.paused.discard(job_id)
+                    self.clock.add(self.config.jobs[job_id])  # from now: no catch-up
+                changed.append(job_id)
+        verb = "paused" if paused else "resumed"
+        if changed:
+            logger.info(f"{verb}: {', '.join(changed)}")
+        return {"changed": changed, "unchanged": unchanged}
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
 
         def on_signal(signum: int, _frame: Any) -> None:
-            self._events.put("reload" if signum == signal.SIGHUP else "stop")
+            self._events.put(("reload" if signum == signal.SIGHUP else "stop", None))
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
@@ -247,6 +278,8 @@ class Daemon:
         self.dispatcher.stop()
         self.hooks.stop()
         self.job_logs.close()
+        if self.ledger is not None:
+            self.ledger.flush(5)
         logger.info("schedd stopped")
 
     # ---- reload -------------------------------------------------------------------
@@ -272,10 +305,12 @@ class Daemon:
         for job_id in changed:
             if _schedule_key(new.jobs[job_id]) != _schedule_key(old[job_id]):
                 self.clock.remove(job_id)
-                self.clock.add(new.jobs[job_id])
+                if job_id not in self.paused:
+                    self.clock.add(new.jobs[job_id])
         for job_id in added:
-            self.clock.add(new.jobs[job_id])
-        self._apply_log_policies(new.jobs)
+            if job_id not in self.paused:
+                self.clock.add(new.jobs[job_id])
+        self._apply_job_policies(new.jobs)
         self.dispatcher.update_jobs(new.jobs)
         self.config = new
         self.last_reload = ReloadResult(datetime.now(UTC), True, [], added, removed, changed)
@@ -289,12 +324,28 @@ class Daemon:
         )
         return self.last_reload
 
-    def _apply_log_policies(self, jobs: Mapping[str, JobSpec]) -> None:
+    def _apply_job_policies(self, jobs: Mapping[str, JobSpec]) -> None:
+        """Log rotation per job, and history retention (pruned in small chunks on the
+        ledger's writer thread, never on the scheduling path)."""
+        from scheduler.ledger_writer import Retention
         from scheduler.logs import JobLogPolicy
 
         for spec in jobs.values():
+            if self.ledger is not None:
+                self.ledger.set_retention(
+                    spec.id, Retention(spec.history_limit, spec.history_max_age)
+                )
             self.job_logs.set_policy(spec.id, JobLogPolicy(spec.log_rotation, spec.log_retention))
 
     def _on_run_event(self, job_id: str, run_id: str, message: str) -> None:
         logger.info(f"job {job_id!r} run {run_id}: {message}")
         self.job_logs.note(job_id, run_id, message)
+
+
+def _same_instant(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return datetime.fromisoformat(a) == datetime.fromisoformat(b)
+    except ValueError:
+        return False

@@ -20,13 +20,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loguru import logger
 
 from scheduler.catchup import decide
+from scheduler.errors import ScheddError
 from scheduler.records import NODE, Recorder, RunRecord, new_run_id
 from scheduler.types import RunContext, RunInfo, RunResult, TaskType
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from scheduler.hooks import HookCaller
     from scheduler.logs import JobLogs
     from scheduler.runner import RunHandle, Runner
+
+T = TypeVar("T")
 
 #: Exponential retry backoff never waits longer than this (seconds).
 MAX_RETRY_DELAY = 3600.0
@@ -115,8 +119,68 @@ class Dispatcher:
         """Slots the trigger jumped over because the daemon fell far behind."""
         self._events.put(("missed", job_id, slots, more))
 
-    def trigger(self, job_id: str, *, force: bool = False) -> None:
-        self._events.put(("trigger", job_id, force))
+    def ask(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the dispatcher thread and return its result (control commands)."""
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._events.put(("call", run))
+        return fut.result(timeout)
+
+    def trigger_now(self, job_id: str, *, force: bool = False) -> dict[str, Any]:
+        """A manual start through the overlap policy (``force`` bypasses it)."""
+
+        def go() -> dict[str, Any]:
+            state = self._states.get(job_id)
+            if state is None or state.removed:
+                raise ScheddError(f"no job {job_id!r} in the running config")
+            if not self._accepting:
+                raise ScheddError("the daemon is shutting down")
+            run_id, message = self._request(
+                state, Start(None, reason="manual trigger", force=force)
+            )
+            return {"job": job_id, "run_id": run_id, "message": message}
+
+        return self.ask(go)
+
+    def start_slot(
+        self, job_id: str, slot: datetime, reason: str, attempt: int = 1
+    ) -> dict[str, Any]:
+        """Start one given slot now through the overlap policy (re-running a lost slot
+        uses the next ``attempt``, so its record never collides with the lost one)."""
+
+        def go() -> dict[str, Any]:
+            state = self._states.get(job_id)
+            if state is None or state.removed:
+                raise ScheddError(f"no job {job_id!r} in the running config")
+            run_id, message = self._request(state, Start(slot, attempt, reason))
+            return {"job": job_id, "run_id": run_id, "message": message}
+
+        return self.ask(go)
+
+    def cancel_run(self, run_id: str, reason: str = "cancelled by schedd cancel") -> dict[str, Any]:
+        """End one running run's whole tree (TERM, grace, KILL); it is recorded ``killed``."""
+
+        def go() -> dict[str, Any]:
+            for state in self._states.values():
+                act = state.active.get(run_id)
+                if act is not None:
+                    if act.cancelled is None:
+                        act.cancelled = reason
+                        act.handle.cancel(reason)
+                    return {
+                        "run_id": run_id,
+                        "job": state.spec.id,
+                        "message": "ending its process tree",
+                    }
+            raise ScheddError(f"no running run {run_id!r} (see `schedd status`)")
+
+        return self.ask(go)
 
     def update_jobs(self, jobs: Mapping[str, JobSpec]) -> None:
         self._events.put(("update", dict(jobs)))
@@ -170,10 +234,6 @@ class Dispatcher:
                 self._missed(event[1], slot, "daemon fell behind (stalled or suspended)")
             if event[3]:
                 logger.warning(f"job {event[1]!r}: more missed slots than could be listed")
-        elif kind == "trigger":
-            state = self._states.get(event[1])
-            if state is not None and not state.removed:
-                self._request(state, Start(None, reason="manual trigger", force=event[2]))
         elif kind == "update":
             self._on_update(event[1])
         elif kind == "call":
@@ -218,32 +278,36 @@ class Dispatcher:
             state.backlog.extend(plan.backlog)
             self._pump(state)
 
-    def _request(self, state: _JobState, start: Start) -> None:
+    def _request(self, state: _JobState, start: Start) -> tuple[str | None, str]:
+        """Apply the overlap policy; returns (run id if started now, what happened)."""
         spec = state.spec
         if start.force or spec.overlap == "allow" or not state.busy:
-            self._begin(state, start)
-            return
+            return self._begin(state, start)
         running = ", ".join(state.active) or "a pending start"
         if spec.overlap == "skip":
-            self._skip(spec.id, start.slot, f"previous run still active ({running}); overlap: skip")
-        elif spec.overlap == "queue":
+            why = f"previous run still active ({running}); overlap: skip"
+            self._skip(spec.id, start.slot, why)
+            return None, f"skipped: {why}"
+        if spec.overlap == "queue":
             if state.waiting is not None:
-                self._skip(spec.id, start.slot, "one run is already queued; overlap: queue")
-            else:
-                state.waiting = start
-        else:  # replace
-            if state.waiting is not None:
-                self._skip(
-                    spec.id, state.waiting.slot, "replaced by a newer slot before it started"
-                )
+                why = "one run is already queued; overlap: queue"
+                self._skip(spec.id, start.slot, why)
+                return None, f"skipped: {why}"
             state.waiting = start
-            for run_id, act in state.active.items():
-                if act.cancelled is None:
-                    act.cancelled = "replaced by a newer run (overlap: replace)"
-                    act.handle.cancel(act.cancelled)
-                    logger.info(f"job {spec.id!r}: ending run {run_id} to replace it")
+            return None, f"queued behind {running} (overlap: queue)"
+        # replace
+        if state.waiting is not None:
+            old = state.waiting
+            self._skip(spec.id, old.slot, "replaced by a newer slot before it started", old.attempt)
+        state.waiting = start
+        for run_id, act in state.active.items():
+            if act.cancelled is None:
+                act.cancelled = "replaced by a newer run (overlap: replace)"
+                act.handle.cancel(act.cancelled)
+                logger.info(f"job {spec.id!r}: ending run {run_id} to replace it")
+        return None, f"ending {running} first, then starting (overlap: replace)"
 
-    def _begin(self, state: _JobState, start: Start) -> None:
+    def _begin(self, state: _JobState, start: Start) -> tuple[str | None, str]:
         jitter = state.spec.jitter
         if jitter > 0 and start.attempt == 1 and not start.force:
             delay = self._rng.uniform(0, jitter)
@@ -254,21 +318,24 @@ class Dispatcher:
                 self._launch(state, start)
 
             self._after(delay, go)
-        else:
-            self._launch(state, start)
+            return None, f"starting after a jitter delay of {delay:.1f}s"
+        run_id = self._launch(state, start)
+        return run_id, f"started run {run_id}" if run_id else "could not start (see the log)"
 
-    def _launch(self, state: _JobState, start: Start) -> None:
+    def _launch(self, state: _JobState, start: Start) -> str | None:
         from scheduler.runner import RunRequest
 
         spec = state.spec
         if state.removed or not self._accepting:
-            self._skip(spec.id, start.slot, "job removed or daemon stopping before start")
-            return
+            self._skip(
+                spec.id, start.slot, "job removed or daemon stopping before start", start.attempt
+            )
+            return None
         run_id = new_run_id()
         task = self._task_types.get(spec.task)
         if task is None:
             self._record(spec.id, run_id, start, "failed", reason=f"task {spec.task!r} unavailable")
-            return
+            return None
         ctx = RunContext(
             job_id=spec.id,
             run_id=run_id,
@@ -293,7 +360,7 @@ class Dispatcher:
         except Exception as exc:
             logger.opt(exception=exc).error(f"job {spec.id!r}: could not launch: {exc!r}")
             self._record(spec.id, run_id, start, "failed", reason=f"could not launch: {exc}")
-            return
+            return None
         info = RunInfo(
             job_id=spec.id,
             run_id=run_id,
@@ -328,6 +395,7 @@ class Dispatcher:
         if self._hooks is not None:
             self._hooks.started(info)
         handle.add_done_callback(lambda result: self._events.put(("done", spec.id, run_id, result)))
+        return run_id
 
     def _on_done(self, job_id: str, run_id: str, result: RunResult) -> None:
         state = self._states.get(job_id)
@@ -335,7 +403,8 @@ class Dispatcher:
         if state is None or act is None:
             return
         spec = state.spec
-        reason = act.cancelled or result.reason or ""
+        started_why = "" if act.start.reason == "scheduled" else act.start.reason
+        reason = act.cancelled or result.reason or started_why
         self._records(
             RunRecord(
                 run_id=run_id,
@@ -412,14 +481,14 @@ class Dispatcher:
 
     def _drop_waiting(self, state: _JobState, reason: str) -> None:
         if state.waiting is not None:
-            self._skip(state.spec.id, state.waiting.slot, reason)
+            self._skip(state.spec.id, state.waiting.slot, reason, state.waiting.attempt)
             state.waiting = None
         while state.backlog:
             self._skip(state.spec.id, state.backlog.popleft(), reason)
 
     # ---- records --------------------------------------------------------------------
-    def _skip(self, job_id: str, slot: datetime | None, reason: str) -> None:
-        self._records(RunRecord(new_run_id(), job_id, slot, "skipped", reason=reason))
+    def _skip(self, job_id: str, slot: datetime | None, reason: str, attempt: int = 1) -> None:
+        self._records(RunRecord(new_run_id(), job_id, slot, "skipped", attempt, reason=reason))
 
     def _missed(self, job_id: str, slot: datetime, reason: str) -> None:
         self._records(RunRecord(new_run_id(), job_id, slot, "missed", reason=reason))

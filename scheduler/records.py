@@ -89,4 +89,27 @@ class LogRecorder:
         logger.log(level, rec.summary())
 
 
-__all__ = ["NODE", "LogRecorder", "RecordStatus", "Recorder", "RunRecord", "new_run_id"]
+class TeeRecorder:
+    """Hands every record to several recorders (the ledger and the daemon log)."""
+
+    def __init__(self, *recorders: Recorder) -> None:
+        self._recorders = recorders
+
+    def started(self, rec: RunRecord) -> None:
+        for r in self._recorders:
+            r.started(rec)
+
+    def record(self, rec: RunRecord) -> None:
+        for r in self._recorders:
+            r.record(rec)
+
+
+__all__ = [
+    "NODE",
+    "LogRecorder",
+    "RecordStatus",
+    "Recorder",
+    "RunRecord",
+    "TeeRecorder",
+    "new_run_id",
+]

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import JobSpec, load_config
 from scheduler.catchup import MAX_CATCHUP_RUNS
+from scheduler.config import JobSpec, load_config
 from scheduler.dispatch import Dispatcher
 from scheduler.plugins import load_plugins
 from scheduler.records import RunRecord
@@ -170,6 +170,7 @@ def test_overlap_replace_cancels_running_then_starts(harness: Callable[..., Harn
     h.fire(T0 + timedelta(minutes=1))
     first = h.runner.launched[0]
     assert first.cancelled and "replace" in first.cancelled
+    h.sync()  # the cancelled run's end arrives as its own event
     assert len(h.runner.launched) == 2
     assert h.runner.launched[1].req.ctx.scheduled_for == T0 + timedelta(minutes=1)
     assert h.recorder.records[0].status == "killed"
@@ -205,6 +206,7 @@ def test_cancelled_run_is_not_retried(harness: Callable[..., Harness]) -> None:
     h = harness(retries=3, retry_delay="0.01s", overlap="replace")
     h.fire(T0)
     h.fire(T0 + timedelta(minutes=1))  # replaces (cancels) the first
+    h.sync()
     h.sync()
     assert [hd.req.ctx.attempt for hd in h.runner.launched] == [1, 1]
 
@@ -287,3 +289,35 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def test_manual_trigger_goes_through_the_overlap_policy(harness: Callable[..., Harness]) -> None:
+    from scheduler.errors import ScheddError
+
+    h = harness(overlap="skip")
+    first = h.dispatcher.trigger_now("j")
+    assert first["run_id"] == h.runner.launched[0].run_id
+    assert h.runner.launched[0].req.ctx.scheduled_for is None
+    second = h.dispatcher.trigger_now("j")
+    assert second["run_id"] is None and second["message"].startswith("skipped")
+    forced = h.dispatcher.trigger_now("j", force=True)
+    assert forced["run_id"] == h.runner.launched[1].run_id
+    with pytest.raises(ScheddError, match="no job 'nope'"):
+        h.dispatcher.trigger_now("nope")
+
+
+def test_cancel_run_ends_it_and_records_why(harness: Callable[..., Harness]) -> None:
+    from scheduler.errors import ScheddError
+
+    h = harness(retries=2)
+    h.fire(T0)
+    run_id = h.runner.launched[0].run_id
+    answer = h.dispatcher.cancel_run(run_id)
+    assert answer["job"] == "j"
+    h.sync()
+    assert h.runner.launched[0].cancelled == "cancelled by schedd cancel"
+    assert h.recorder.records[-1].status == "killed"
+    assert h.recorder.records[-1].reason == "cancelled by schedd cancel"
+    assert len(h.runner.launched) == 1  # a cancelled run is not retried
+    with pytest.raises(ScheddError, match="no running run"):
+        h.dispatcher.cancel_run(run_id)
