@@ -30,7 +30,8 @@ from loguru import logger
 from scheduler.catchup import decide
 from scheduler.errors import ScheddError
 from scheduler.records import NODE, Recorder, RunRecord, new_run_id
-from scheduler.types import RunContext, RunInfo, RunResult, TaskType
+from scheduler.runspec import Start, build_request
+from scheduler.types import RunInfo, RunResult, TaskType
 
 if TYPE_CHECKING:
     from scheduler.config import JobSpec
@@ -42,16 +43,6 @@ T = TypeVar("T")
 
 #: Exponential retry backoff never waits longer than this (seconds).
 MAX_RETRY_DELAY = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """A request to start one attempt of one slot."""
-
-    slot: datetime | None
-    attempt: int = 1
-    reason: str = "scheduled"
-    force: bool = False
 
 
 @dataclass
@@ -323,8 +314,6 @@ class Dispatcher:
         return run_id, f"started run {run_id}" if run_id else "could not start (see the log)"
 
     def _launch(self, state: _JobState, start: Start) -> str | None:
-        from scheduler.runner import RunRequest
-
         spec = state.spec
         if state.removed or not self._accepting:
             self._skip(
@@ -336,25 +325,7 @@ class Dispatcher:
         if task is None:
             self._record(spec.id, run_id, start, "failed", reason=f"task {spec.task!r} unavailable")
             return None
-        ctx = RunContext(
-            job_id=spec.id,
-            run_id=run_id,
-            task=spec.task,
-            params=spec.params,
-            scheduled_for=start.slot,
-            attempt=start.attempt,
-            timeout=spec.timeout,
-        )
-        env = {**self._base_env, **spec.env, **_run_env(spec.id, run_id, start)}
-        request = RunRequest(
-            run_id=run_id,
-            job_id=spec.id,
-            target=task.target,
-            ctx=ctx,
-            env=env,
-            timeout=spec.timeout,
-            kill_grace=spec.kill_grace,
-        )
+        request = build_request(spec, task, run_id, start, self._base_env)
         try:
             handle = self._runner.launch(request)
         except Exception as exc:
@@ -504,15 +475,6 @@ class Dispatcher:
             self._recorder.record(rec)
         except Exception as exc:
             logger.opt(exception=exc).error(f"could not record {rec.summary()}: {exc!r}")
-
-
-def _run_env(job_id: str, run_id: str, start: Start) -> dict[str, str]:
-    return {
-        "SCHEDD_JOB_ID": job_id,
-        "SCHEDD_RUN_ID": run_id,
-        "SCHEDD_SCHEDULED_FOR": start.slot.isoformat() if start.slot else "",
-        "SCHEDD_ATTEMPT": str(start.attempt),
-    }
 
 
 def _describe(result: RunResult) -> str:

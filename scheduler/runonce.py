@@ -33,11 +33,10 @@ def exit_status(result: RunResult) -> int:
 
 
 def run_once(spec: JobSpec, task: TaskType, *, timeout: float | None = None) -> int:
-    from scheduler.daemon import base_env
-    from scheduler.dispatch import Start, _run_env
     from scheduler.records import new_run_id
-    from scheduler.runner import Runner, RunRequest
-    from scheduler.types import RunContext
+    from scheduler.runner import Runner
+    from scheduler.runspec import Start, build_request
+    from scheduler.statedir import base_env
 
     def on_line(_job: str, _run: str, stream: str, line: str) -> None:
         out = sys.stderr if stream == "stderr" else sys.stdout
@@ -52,23 +51,7 @@ def run_once(spec: JobSpec, task: TaskType, *, timeout: float | None = None) -> 
     runner.start()
     run_id = new_run_id()
     start = Start(datetime.now(UTC).replace(microsecond=0), reason="run-once")
-    effective_timeout = timeout if timeout is not None else spec.timeout
-    request = RunRequest(
-        run_id=run_id,
-        job_id=spec.id,
-        target=task.target,
-        ctx=RunContext(
-            job_id=spec.id,
-            run_id=run_id,
-            task=spec.task,
-            params=spec.params,
-            scheduled_for=start.slot,
-            timeout=effective_timeout,
-        ),
-        env={**base_env(), **spec.env, **_run_env(spec.id, run_id, start)},
-        timeout=effective_timeout,
-        kill_grace=spec.kill_grace,
-    )
+    request = build_request(spec, task, run_id, start, base_env(), timeout=timeout)
     handle = runner.launch(request)
 
     def on_interrupt(_signum: int, _frame: Any) -> None:

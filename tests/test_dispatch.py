@@ -79,6 +79,7 @@ class Harness:
         self.runner = FakeRunner()
         self.recorder = ListRecorder()
         self.spec = spec
+        self.task_types = task_types
         self.dispatcher = Dispatcher(
             self.runner,  # type: ignore[arg-type]
             task_types,
@@ -135,7 +136,7 @@ def test_on_time_fire_launches_with_slot_and_env(harness: Callable[..., Harness]
     assert handle.req.env["FOO"] == "bar"
     assert handle.req.env["SCHEDD_JOB_ID"] == "j"
     assert handle.req.env["SCHEDD_SCHEDULED_FOR"] == T0.isoformat()
-    assert handle.req.target == "schedd_plugins.shell:run"
+    assert handle.req.target == h.task_types["shell"].target
     h.finish(0)
     assert h.recorder.statuses() == ["success"]
 

@@ -1,0 +1,72 @@
+"""From a job and a slot to the request the runner executes.
+
+One place builds a run's context, environment and limits, so a scheduled
+run, a retry, a manual trigger and ``schedd run-once`` cannot drift apart:
+what a plugin author debugs with run-once is what the daemon runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from scheduler.types import RunContext, TaskType
+
+if TYPE_CHECKING:
+    from scheduler.config import JobSpec
+    from scheduler.runner import RunRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A request to start one attempt of one slot (``slot`` None: a manual run)."""
+
+    slot: datetime | None
+    attempt: int = 1
+    reason: str = "scheduled"
+    force: bool = False
+
+
+def run_env(job_id: str, run_id: str, start: Start) -> dict[str, str]:
+    """The variables that tell a run who it is (and let recovery find its processes)."""
+    return {
+        "SCHEDD_JOB_ID": job_id,
+        "SCHEDD_RUN_ID": run_id,
+        "SCHEDD_SCHEDULED_FOR": start.slot.isoformat() if start.slot else "",
+        "SCHEDD_ATTEMPT": str(start.attempt),
+    }
+
+
+def build_request(
+    spec: JobSpec,
+    task: TaskType,
+    run_id: str,
+    start: Start,
+    base_env: Mapping[str, str],
+    *,
+    timeout: float | None = None,
+) -> RunRequest:
+    """The run's request; ``timeout`` overrides the job's (run-once --timeout)."""
+    from scheduler.runner import RunRequest
+
+    limit = spec.timeout if timeout is None else timeout
+    ctx = RunContext(
+        job_id=spec.id,
+        run_id=run_id,
+        task=spec.task,
+        params=spec.params,
+        scheduled_for=start.slot,
+        attempt=start.attempt,
+        timeout=limit,
+    )
+    return RunRequest(
+        run_id=run_id,
+        job_id=spec.id,
+        target=task.target,
+        ctx=ctx,
+        env={**base_env, **spec.env, **run_env(spec.id, run_id, start)},
+        timeout=limit,
+        kill_grace=spec.kill_grace,
+    )
