@@ -187,3 +187,61 @@ def test_duplicate_task_across_distributions(installed: dict[str, Path]) -> None
     )
     assert out["why_hello"] == problem
     assert out["plugins"]["hello"]["task_types"][0]["available"] is False
+
+
+def test_daemon_calls_lifecycle_hooks_and_a_hanging_one_stalls_nothing(
+    installed: dict[str, Path], tmp_path: Path
+) -> None:
+    """The installed plugin's hooks run in a real daemon; its hook for 'stuck' hangs
+    forever, and the other jobs still fire on time."""
+    import signal
+    import time
+
+    events = tmp_path / "events"
+    config = tmp_path / "schedd.yaml"
+    config.write_text(
+        "jobs:\n"
+        "  greet:\n    task: hello\n    every: 1s\n    params: {name: hooks}\n"
+        "  stuck:\n    task: hello\n    every: 1s\n    params: {name: stuck}\n"
+    )
+    state = tmp_path / "state"
+    env = env_with(
+        [installed["schedd_hello"]],
+        SCHEDD_HELLO_EVENTS=str(events),
+        SCHEDD_HELLO_HANG_JOB="stuck",
+    )
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "run",
+            "-c",
+            str(config),
+            "--state-dir",
+            str(state),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        greet_log = state / "logs" / "greet.log"
+        while time.monotonic() < deadline:
+            text = greet_log.read_text() if greet_log.exists() else ""
+            if text.count("hello hooks") >= 8:
+                break
+            time.sleep(0.2)
+        assert text.count("hello hooks") >= 8  # kept firing every second while a hook hung
+        lines = events.read_text().splitlines()
+        assert any(ln.startswith("started greet ") for ln in lines)
+        assert any(ln.startswith("finished greet ") and ln.endswith(" success") for ln in lines)
+        assert (
+            "hung past" in (state / "schedd.log").read_text()
+            or "abandoned" in (state / "schedd.log").read_text()
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
