@@ -126,7 +126,10 @@ class Daemon:
                 on_event=self._on_run_event,
                 preload=builtin_task_modules(self.registry),
             )
-            self.runner.start()
+            try:
+                self.runner.start()
+            except (OSError, RuntimeError) as exc:
+                raise ScheddError(f"could not start the run launcher: {exc}") from exc
             self.hooks = HookCaller(self.pm)
             self.hooks.start()
             self.dispatcher = Dispatcher(
