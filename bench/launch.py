@@ -10,7 +10,11 @@ reader thread, so this process never forks while it has threads. The runner
 is measured twice: with the child importing the task's module (the default),
 and with that module preloaded in the launcher (``Runner(preload=...)``, what
 the daemon does for plugin modules); the difference is the import in a fresh
-fork, ~1 ms for ``tests.runner_tasks``.
+fork, ~1.5 ms for ``tests.runner_tasks`` (``tests`` is a namespace package, so
+finding it scans every ``sys.path`` entry, in a process where every page
+written is a copy). Last, the built-in ``shell`` task running ``true`` with its
+module preloaded, as the daemon runs it: ``--shell-target`` names its target
+(``schedd_plugins.shell:run`` before the task modules were split).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from scheduler.types import RunContext
 
 NOOP_MODULE = "tests.runner_tasks"
 NOOP = f"{NOOP_MODULE}:noop"
+SHELL_TARGET = "schedd_plugins.run_shell:run"
+#: The shell task's params as the config loader hands them over (validated, defaults filled).
+SHELL_TRUE = {"command": "true", "cwd": None, "env": {}}
 
 
 def rate(n: int, fn: Callable[[int], None]) -> float:
@@ -61,17 +68,24 @@ def fresh_python(n: int) -> None:
 
 
 class RunnerBench:
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        preload: tuple[str, ...] = (),
+        target: str = NOOP,
+        params: dict[str, object] | None = None,
+    ) -> None:
         self.runner = Runner(on_line=lambda *a: None, on_event=lambda *a: None, preload=preload)
         self.runner.start()
+        self.target = target
+        self.params = params or {}
         self.lateness: list[float] = []
         self.seq = 0
 
     def _req(self) -> RunRequest:
         self.seq += 1
         run_id = f"bench-{self.seq}"
-        ctx = RunContext(job_id="bench", run_id=run_id, task="noop")
-        return RunRequest(run_id=run_id, job_id="bench", target=NOOP, ctx=ctx, env={})
+        ctx = RunContext(job_id="bench", run_id=run_id, task="noop", params=self.params)
+        return RunRequest(run_id=run_id, job_id="bench", target=self.target, ctx=ctx, env={})
 
     def _record(self, h: object) -> None:
         started, launched = h.task_started, h.started_at.timestamp()  # type: ignore[attr-defined]
@@ -112,6 +126,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--runs", type=int, default=300, help="runs per repetition (fast methods)")
     ap.add_argument("--python-runs", type=int, default=8, help="runs per repetition (fresh python)")
+    ap.add_argument("--shell-target", default=SHELL_TARGET, help="the shell task's target")
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
 
@@ -124,13 +139,18 @@ def main() -> None:
     measure("raw os.fork()+_exit+waitpid", args.runs, raw_fork)
     measure("posix_spawn /bin/true", args.runs, spawn_true)
     lateness: dict[str, list[float]] = {}
-    for preload, how in (((), "child imports target"), ((NOOP_MODULE,), "target preloaded")):
-        bench = RunnerBench(preload)
+    shell_module = args.shell_target.partition(":")[0]
+    setups = (
+        ("no-op", "child imports target", (), NOOP, None),
+        ("no-op", "target preloaded", (NOOP_MODULE,), NOOP, None),
+        ("shell `true`", "task module preloaded", (shell_module,), args.shell_target, SHELL_TRUE),
+    )
+    for what, how, preload, target, params in setups:
+        bench = RunnerBench(preload, target, params)
         try:
             for mode, fn in (("sequential", bench.sequential), ("2 in flight", bench.in_flight)):
-                name = f"schedd Runner no-op, {mode}, {how}"
-                measure(name, args.runs, fn)
-                lateness[f"{mode}, {how}"], bench.lateness = bench.lateness, []
+                measure(f"schedd Runner {what}, {mode}, {how}", args.runs, fn)
+                lateness[f"{what}, {mode}, {how}"], bench.lateness = bench.lateness, []
         finally:
             bench.close()
     measure("fresh python -c 'import pluggy, yaml, loguru'", args.python_runs, fresh_python)

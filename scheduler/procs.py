@@ -14,22 +14,48 @@ normal path, where ``waitpid`` alone proves a supervisor has no children.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
+
+#: The C signal module. ``signal.signal`` and ``signal.pthread_sigmask`` wrap it
+#: to turn numbers into enum members, and in a freshly forked process that
+#: enum machinery alone writes to dozens of pages; the hot paths call this.
+csignal: Any = importlib.import_module("_signal")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-_libc: ctypes.CDLL | None = None
+_prctl_fn: Any = None
+
+
+def warm() -> None:
+    """Bind ``prctl`` and probe ``/proc`` once, in the launcher, before any fork.
+
+    Every page a forked child writes is copied, so the supervisor and the task
+    must find everything ready: the ``ctypes`` function already looked up
+    on the library, and the ``/proc`` layout already known.
+    """
+    global _prctl_fn
+    if _prctl_fn is None:
+        _prctl_fn = ctypes.CDLL(None, use_errno=True).prctl
+    _use_children_files()
 
 
 def _prctl(option: int, arg: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+    """``prctl(option, arg, 0, 0, 0)`` for small non-negative ``arg``.
+
+    Plain ints, no ``argtypes``: measured in a fresh fork, ``argtypes``
+    converters (or a ``c_ulong`` per call) write to ~10 more pages per call.
+    libffi widens each int to a full register, which for these values is the
+    ``unsigned long`` the kernel reads.
+    """
+    if _prctl_fn is None:
+        warm()
+    if _prctl_fn(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 

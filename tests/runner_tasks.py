@@ -151,6 +151,19 @@ def list_fds(ctx: RunContext) -> None:
     )
 
 
+def signal_state(ctx: RunContext) -> None:
+    """Print the dispositions of the signals schedd uses, and the blocked mask."""
+    names = ("SIGTERM", "SIGHUP", "SIGCHLD", "SIGUSR1", "SIGINT")
+    handlers = {}
+    for name in names:
+        handler = signal.getsignal(getattr(signal, name))
+        handlers[name] = (
+            "default_int_handler" if handler is signal.default_int_handler else str(handler)
+        )
+    blocked = sorted(signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    print(json.dumps({"handlers": handlers, "blocked": blocked}))
+
+
 def _readlink(fd: int) -> str:
     try:
         return str(Path(f"/proc/self/fd/{fd}").readlink())

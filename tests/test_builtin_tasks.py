@@ -166,7 +166,7 @@ def test_shell_execs_so_the_tree_stays_flat(registry: Registry) -> None:
         [sys.executable, "-m", "scheduler.child"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        env=child_env(**{SPEC_ENV: spec_to_json("schedd_plugins.shell:run", ctx)}),
+        env=child_env(**{SPEC_ENV: spec_to_json("schedd_plugins.run_shell:run", ctx)}),
         text=True,
     )
     out, _ = proc.communicate(timeout=30)
@@ -458,8 +458,24 @@ def test_http_isolated(registry: Registry, base: str) -> None:
 def test_plugin_modules_import_cheaply() -> None:
     code = (
         "import sys, schedd_plugins.shell, schedd_plugins.python, schedd_plugins.http\n"
+        "import schedd_plugins.run_shell, schedd_plugins.run_python, schedd_plugins.run_http\n"
         "lazy = ('subprocess', 'urllib.request', 'http.client')\n"
         "print(sorted(m for m in lazy if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert proc.stdout.strip() == "[]"
+
+
+def test_run_modules_import_only_the_standard_library() -> None:
+    """A built-in task's target is what a run's fresh fork imports (or the launcher
+    preloads): its metadata module's pydantic and pluggy must stay out of it."""
+    code = (
+        "import sys, schedd_plugins.run_shell, schedd_plugins.run_python, schedd_plugins.run_http\n"
+        "heavy = ('pydantic', 'pluggy', 'yaml', 'scheduler.hookspecs', 'scheduler.params',\n"
+        "         'schedd_plugins.shell', 'schedd_plugins.python', 'schedd_plugins.http')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True

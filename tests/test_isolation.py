@@ -135,6 +135,24 @@ def test_child_hygiene_session_fds_environ(tmp_path: Path, monkeypatch: pytest.M
     assert not any("hunter2" in v for v in got["environ"]), "the daemon's env leaked"
 
 
+def test_task_starts_with_default_signal_dispositions_and_no_mask(
+    runner: Runner, col: Collector
+) -> None:
+    """The launcher handles SIGTERM, SIGHUP and SIGCHLD and blocks others; none of it leaks."""
+    req = request("signal_state")
+    assert runner.launch(req).wait(10).status == "success"  # type: ignore[union-attr]
+    got = json.loads(col.out(req.run_id)[0])
+    dfl = str(signal.SIG_DFL)
+    assert got["handlers"] == {
+        "SIGTERM": dfl,
+        "SIGHUP": dfl,
+        "SIGCHLD": dfl,
+        "SIGUSR1": dfl,
+        "SIGINT": "default_int_handler",
+    }
+    assert got["blocked"] == []
+
+
 def test_supervisor_sigkilled_leaves_nothing_behind(runner: Runner, tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
     h = runner.launch(request("escapees", {"pidfile": str(pidfile), "ignore_term": True}))

@@ -81,7 +81,7 @@ def test_builtins_load_through_entry_points() -> None:
         assert p.module == f"schedd_plugins.{name}" and p.task_types == (name,)
         assert p.error is None and not p.blocked
         t = reg.task_types[name]
-        assert t.plugin == name and t.target == f"schedd_plugins.{name}:run"
+        assert t.plugin == name and t.target == f"schedd_plugins.run_{name}:run"
         assert issubclass(t.params, TaskParams)
         assert pm.get_plugin(name) is not None
 
@@ -366,7 +366,7 @@ def test_describe_plugins_is_json_ready() -> None:
         {
             "name": "shell",
             "summary": reg.task_types["shell"].summary,
-            "target": "schedd_plugins.shell:run",
+            "target": "schedd_plugins.run_shell:run",
             "available": True,
         }
     ]

@@ -1,25 +1,23 @@
-"""The ``python`` task: call ``pkg.module:function(*args, **kwargs)``.
+"""The ``python`` task type: call ``pkg.module:function(*args, **kwargs)``.
 
 For functions that do not take a :class:`~scheduler.types.RunContext`: existing
-library code, management commands. The function's return value becomes the exit
-status by the same rules as any task (``scheduler.child.exit_status``): an ``int``
-is the status, ``None`` and non-int values mean success. A target that cannot be
+library code, management commands. Metadata only (parameter model and hook);
+the run itself is :func:`schedd_plugins.run_python.run`, which imports no
+pydantic. The function's return value becomes the exit status by the same
+rules as any task (``scheduler.child.exit_status``); a target that cannot be
 imported gives 127, like a missing command.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 
-from scheduler.child import TARGET_PATTERN, exit_status, load_target
+from scheduler.child import TARGET_PATTERN
 from scheduler.hookspecs import hookimpl
 from scheduler.params import TaskParams
 from scheduler.types import TaskType
-
-if TYPE_CHECKING:
-    from scheduler.types import RunContext
 
 
 class PythonParams(TaskParams):
@@ -37,15 +35,8 @@ def schedd_task_types() -> list[TaskType]:
     return [
         TaskType(
             name="python",
-            target="schedd_plugins.python:run",
+            target="schedd_plugins.run_python:run",
             summary="Call a Python function 'pkg.module:function' with args and kwargs",
             params=PythonParams,
         )
     ]
-
-
-def run(ctx: RunContext) -> int:
-    p = PythonParams.model_validate(ctx.params)
-    func = load_target(p.target)  # TargetError -> exit status 127 in the child
-    code, _ = exit_status(func(*p.args, **p.kwargs))
-    return code
