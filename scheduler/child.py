@@ -34,6 +34,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def exit_status(value: object) -> tuple[int, str | None]:
     return 0, f"task returned a {type(value).__name__}; ignored (return an int or None)"
 
 
-def run_task(target: str, ctx: RunContext, *, own_process: bool = False) -> ChildOutcome:
+def run_task(
+    target: str, ctx: RunContext, *, own_process: bool = False, not_before: float | None = None
+) -> ChildOutcome:
     """Load ``target``, call it with ``ctx``, and map the result; never raises.
 
     ``own_process=True`` says the caller will exit with the returned code right
@@ -135,17 +138,23 @@ def run_task(target: str, ctx: RunContext, *, own_process: bool = False) -> Chil
     """
     token = _own_process.set(own_process)
     try:
-        return _run(target, ctx)
+        return _run(target, ctx, not_before)
     finally:
         _own_process.reset(token)
         _flush()
 
 
-def _run(target: str, ctx: RunContext) -> ChildOutcome:
+def _run(target: str, ctx: RunContext, not_before: float | None = None) -> ChildOutcome:
     try:
         # Inside the try: an exception other than ImportError while importing the
         # target module is the task's own code failing, and maps like one.
-        result = load_target(target)(ctx)
+        func = load_target(target)
+        if not_before is not None:
+            # Launched ahead of its slot: everything is ready, start on the dot.
+            delay = not_before - time.time()
+            if delay > 0:
+                time.sleep(delay)
+        result = func(ctx)
     except TargetError as exc:
         return _target_failed(exc)
     except SystemExit as exc:

@@ -61,6 +61,9 @@ class RunRequest:
 
     ``timeout`` counts from the task's start; ``kill_grace`` is the time
     between SIGTERM and SIGKILL when a run is ended for any reason.
+    ``not_before`` (epoch seconds) lets a run be launched a little ahead of its
+    slot: the process is forked and the target imported at once, and the task
+    function is called at ``not_before``, so isolation costs no lateness.
     """
 
     run_id: str
@@ -71,6 +74,7 @@ class RunRequest:
     cwd: str | None = None
     timeout: float | None = None
     kill_grace: float = 10.0
+    not_before: float | None = None
 
 
 class RunHandle:
@@ -188,6 +192,7 @@ class Runner:
                 "cwd": req.cwd,
                 "timeout": req.timeout,
                 "kill_grace": req.kill_grace,
+                "not_before": req.not_before,
             }
         )
         with self._lock:

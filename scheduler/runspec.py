@@ -69,4 +69,6 @@ def build_request(
         env={**base_env, **spec.env, **run_env(spec.id, run_id, start)},
         timeout=limit,
         kill_grace=spec.kill_grace,
+        # The daemon launches a slot's run slightly ahead of it; the task starts on time.
+        not_before=start.slot.timestamp() if start.slot is not None else None,
     )

@@ -194,6 +194,7 @@ class _Supervisor:
         self.status = status
         self.parent = parent
         self.timeout: float | None = req.get("timeout")
+        self.not_before: float | None = req.get("not_before")
         self.grace = float(req.get("kill_grace", 10.0))
         self.cancelled = os.getppid() != parent  # the launcher died before PDEATHSIG was set
         self.hurry = False
@@ -216,7 +217,9 @@ class _Supervisor:
             os.setpgid(self.task, self.task)
         except OSError:
             pass  # already done by the child, or it has exited
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        # A run launched ahead of its slot waits for it; its timeout starts then.
+        ahead = max(0.0, (self.not_before or 0.0) - time.time())
+        deadline = None if self.timeout is None else time.monotonic() + ahead + self.timeout
         while not self._reap():
             now = time.monotonic()
             if self.reason is None:
@@ -350,7 +353,9 @@ def _task(req: Mapping[str, Any], status: int, report: int, supervisor: int) -> 
         _set_environ(req["env"])
         os.write(status, b'{"ev":"started","pid":%d,"t":%r}\n' % (os.getpid(), time.time()))
         os.close(status)
-        outcome = run_task(req["target"], req["ctx"], own_process=True)
+        outcome = run_task(
+            req["target"], req["ctx"], own_process=True, not_before=req.get("not_before")
+        )
         code, error, note = outcome.exit_code, outcome.error, outcome.note
     except BaseException as exc:
         try:

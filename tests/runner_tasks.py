@@ -30,6 +30,11 @@ def echo_env(ctx: RunContext) -> None:
     print(json.dumps({"env": dict(os.environ), "c_env": c_env, "cwd": str(Path.cwd())}))
 
 
+def stamp(ctx: RunContext) -> None:
+    """Print the wall time at which the task function began."""
+    print(repr(time.time()), flush=True)
+
+
 def say(ctx: RunContext) -> None:
     """Print ``params["text"]`` verbatim to stdout and ``params.get("err")`` to stderr."""
     sys.stdout.write(ctx.params["text"])

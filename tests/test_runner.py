@@ -41,6 +41,16 @@ def test_success_reports_pid_and_start_marker(runner: Runner) -> None:
     assert res.started_at == h.started_at and res.duration >= 0
 
 
+def test_a_run_launched_ahead_starts_its_task_on_the_dot(runner: Runner, col: Collector) -> None:
+    slot = time.time() + 0.4
+    h = runner.launch(request("stamp", not_before=slot, timeout=0.2))
+    res = h.wait(10)
+    assert res is not None and res.status == "success"  # the wait is not part of the timeout
+    (began,) = (float(x) for x in col.out(h.run_id))
+    assert h.task_started is not None and h.task_started < slot  # forked ahead of time
+    assert slot <= began < slot + 0.05  # the task function itself ran at the slot
+
+
 def test_params_and_braces_delivered_verbatim(runner: Runner, col: Collector) -> None:
     text = "a {} b {name} c {0!r} %s\nsecond line\tend\n"
     req = request("say", {"text": text, "err": "{oops}\n"})
