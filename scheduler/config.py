@@ -190,8 +190,14 @@ def load_config(path: str | Path, registry: Registry) -> Config:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError([Problem(name, 0, 0, f"cannot read config file: {reason}")]) from None
-    src = yamlsrc.parse_bytes(data, name)
-    return Loader(src, registry, absolute).load()
+    # Loading builds millions of objects and no cycles: see gc_paused. The parsed
+    # source (the raw values, and nodes if it needed them) is freed before it resumes.
+    with yamlsrc.gc_paused():
+        src = yamlsrc.parse_bytes(data, name)
+        try:
+            return Loader(src, registry, absolute).load()
+        finally:
+            del src
 
 
 def config_json_schema(registry: Registry) -> dict[str, Any]:

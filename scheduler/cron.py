@@ -54,6 +54,7 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 
 class TriggerError(ValueError):
@@ -321,6 +322,74 @@ def _parse_field(text: str, base: int, f: _Field, job_id: str) -> tuple[set[int]
             out.append(term)
         pos += len(term) + 1
     return values, ",".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _HashTemplate:
+    """An expression with H terms, split once so each job only fills in its numbers.
+
+    ``fields`` holds, per field, its text when it has no H term, else its
+    terms: a term's text, or for an H term its match, offset and field.
+    """
+
+    source: str
+    fields: tuple[str | tuple[str | tuple[re.Match[str], int, _Field], ...], ...]
+
+
+@lru_cache(maxsize=4096)
+def _hash_template(expr: str) -> _HashTemplate | None:
+    """The template of ``expr``, or None if it is not a plain 5/6-field expression
+    whose terms all read (then :func:`parse` finds and words the problem)."""
+    tokens = [(m.start(), m.group()) for m in re.finditer(r"\S+", expr)]
+    if len(tokens) not in (5, 6):
+        return None
+    kinds = _FIVE if len(tokens) == 5 else (_SECOND, *_FIVE)
+    fields: list[str | tuple[str | tuple[re.Match[str], int, _Field], ...]] = []
+    for (pos, text), f in zip(tokens, kinds, strict=True):
+        if not _HAS_H.search(text):
+            fields.append(text)
+            continue
+        terms: list[str | tuple[re.Match[str], int, _Field]] = []
+        for term in text.split(","):
+            m = _TERM.fullmatch(term)
+            if m is None:
+                return None
+            terms.append((m, pos, f) if m.group("h") is not None else term)
+            pos += len(term) + 1
+        fields.append(tuple(terms))
+    return _HashTemplate(" ".join(t for _, t in tokens), tuple(fields))
+
+
+def expand_hash(expr: str, job_id: str) -> tuple[str, str] | None:
+    """``(source, expanded)`` as :func:`parse` gives them for ``expr`` with H
+    terms, without parsing ``expr`` again for every job (a config may have
+    thousands of H jobs, and each expands differently). None when the template
+    does not read or an H term is invalid: :func:`parse` then reports why. The
+    expansion itself is still to be parsed (and so checked) by the caller.
+    """
+    template = _hash_template(expr)
+    if template is None:
+        return None
+    out: list[str] = []
+    try:
+        for field_ in template.fields:
+            if isinstance(field_, str):
+                out.append(field_)
+                continue
+            texts: list[str] = []
+            hval: int | None = None
+            for term in field_:
+                if isinstance(term, str):
+                    texts.append(term)
+                    continue
+                m, pos, f = term
+                if hval is None:
+                    hval = hash_value(job_id, f.hash_index)
+                texts.append(_hash_term(m, pos, f, hval)[1])
+            out.append(",".join(texts))
+    except TriggerError:
+        return None
+    return template.source, " ".join(out)
 
 
 def _max_days(month: int) -> int:

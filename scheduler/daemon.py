@@ -13,6 +13,7 @@ config untouched, as nginx does).
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -114,6 +115,7 @@ class Daemon:
         lock = StateDirLock(self.state_dir)
         lock.acquire()
         control = None
+        gc.disable()  # start-up builds only long-lived state (per job); frozen below
         try:
             setup_daemon_logging(self.state_dir, echo=self.echo)
             self.ledger = ledger = Ledger.open(self.state_dir / LEDGER_FILE)
@@ -142,9 +144,9 @@ class Daemon:
             )
             self.clock = Clock(self.dispatcher, self.dispatcher.missed)
             last_slots = ledger.last_slots()
-            for spec in self.config.jobs.values():
-                if spec.id not in self.paused:
-                    self.clock.add(spec, after=last_slots.get(spec.id))
+            self.clock.load(
+                (s for s in self.config.jobs.values() if s.id not in self.paused), last_slots
+            )
             self.dispatcher.start(self.config.jobs)
             self._install_signals()
             self._rerun_lost(lost)  # before the clock: a lost slot goes first
@@ -156,8 +158,11 @@ class Daemon:
                 f"schedd {os.getpid()} started: {self.config.path}, {len(self.config.jobs)} jobs "
                 f"({enabled} enabled, {len(self.paused)} paused), state dir {self.state_dir}"
             )
+            gc.freeze()  # start-up state lives as long as the daemon: collections skip it
+            gc.enable()
             return self._main_loop()
         finally:
+            gc.enable()
             if control is not None:
                 control.close()
             if self.ledger is not None:
@@ -333,12 +338,18 @@ class Daemon:
         from scheduler.ledger_writer import Retention
         from scheduler.logs import JobLogPolicy
 
+        retentions: dict[tuple[int, float], Retention] = {}  # jobs share equal settings
+        policies: dict[tuple[str, int], JobLogPolicy] = {}
         for spec in jobs.values():
             if self.ledger is not None:
-                self.ledger.set_retention(
-                    spec.id, Retention(spec.history_limit, spec.history_max_age)
-                )
-            self.job_logs.set_policy(spec.id, JobLogPolicy(spec.log_rotation, spec.log_retention))
+                key = (spec.history_limit, spec.history_max_age)
+                if key not in retentions:
+                    retentions[key] = Retention(*key)
+                self.ledger.set_retention(spec.id, retentions[key])
+            rotation = (spec.log_rotation, spec.log_retention)
+            if rotation not in policies:
+                policies[rotation] = JobLogPolicy(*rotation)
+            self.job_logs.set_policy(spec.id, policies[rotation])
 
     def _on_run_event(self, job_id: str, run_id: str, message: str) -> None:
         logger.info(f"job {job_id!r} run {run_id}: {message}")

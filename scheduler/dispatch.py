@@ -18,7 +18,6 @@ import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -53,12 +52,12 @@ class _Active:
     cancelled: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)  # one per job: slots and a list (not a 600-byte deque) keep it small
 class _JobState:
     spec: JobSpec
     active: dict[str, _Active] = field(default_factory=dict)
     waiting: Start | None = None
-    backlog: deque[datetime] = field(default_factory=deque)
+    backlog: list[datetime] = field(default_factory=list)  # catch-up slots, oldest first
     pending: int = 0  # starts waiting on a jitter or retry timer
     removed: bool = False
 
@@ -428,7 +427,7 @@ class Dispatcher:
             start, state.waiting = state.waiting, None
             self._begin(state, start)
         elif state.backlog:
-            slot = state.backlog.popleft()
+            slot = state.backlog.pop(0)
             self._begin(state, Start(slot, reason="catch-up (catchup: all)"))
 
     def _on_update(self, jobs: dict[str, JobSpec]) -> None:
@@ -455,7 +454,7 @@ class Dispatcher:
             self._skip(state.spec.id, state.waiting.slot, reason, state.waiting.attempt)
             state.waiting = None
         while state.backlog:
-            self._skip(state.spec.id, state.backlog.popleft(), reason)
+            self._skip(state.spec.id, state.backlog.pop(0), reason)
 
     # ---- records --------------------------------------------------------------------
     def _skip(self, job_id: str, slot: datetime | None, reason: str, attempt: int = 1) -> None:

@@ -376,6 +376,8 @@ class Writer:
             if first_round:  # jobs with no new rows since start still age out
                 jobs |= {r[0] for r in self._conn.execute("SELECT DISTINCT job FROM runs")}
         self._touched = set()
+        if jobs:  # a job without rows has nothing to prune: skip its transaction
+            jobs &= {r[0] for r in self._conn.execute("SELECT DISTINCT job FROM runs")}
         self._prune_work.extend(sorted(jobs - set(self._prune_work)))
 
     def _prune_step(self) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
 
@@ -97,6 +97,9 @@ class JobLogPolicy:
     compression: str | None = None
 
 
+_DEFAULT_POLICY: Final = JobLogPolicy()
+
+
 class JobLogs:
     """Per-job log files with loguru rotation, opened on demand."""
 
@@ -106,7 +109,8 @@ class JobLogs:
         self._lock = threading.Lock()
         self._sinks: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
-        self._policies: dict[str, JobLogPolicy] = {}
+        self._policies: dict[str, JobLogPolicy] = {}  # jobs with non-default settings
+        self._shared: dict[JobLogPolicy, JobLogPolicy] = {}
 
     def path(self, job_id: str) -> Path:
         """The job's current log file. Job ids are validated by the config, so
@@ -116,11 +120,20 @@ class JobLogs:
         return self.logs_dir / f"{job_id}.log"
 
     def set_policy(self, job_id: str, policy: JobLogPolicy) -> None:
-        """Remember rotation settings; an open sink picks them up when reopened."""
+        """Remember rotation settings; an open sink picks them up when reopened.
+
+        Called for every job at start-up and reload, so it is kept cheap: only
+        settings that differ from the default are stored, one object per
+        distinct setting, and a sink is closed only when its setting changed.
+        """
         with self._lock:
-            if self._policies.get(job_id) != policy:
-                self._policies[job_id] = policy
-                self._close_locked(job_id)
+            if self._policies.get(job_id, _DEFAULT_POLICY) == policy:
+                return
+            if policy == _DEFAULT_POLICY:
+                del self._policies[job_id]
+            else:
+                self._policies[job_id] = self._shared.setdefault(policy, policy)
+            self._close_locked(job_id)
 
     def write(self, job_id: str, run_id: str, stream: str, line: str) -> None:
         """Append one output line. The text is passed as loguru's message with
@@ -140,7 +153,7 @@ class JobLogs:
             self._last_used[job_id] = now
             if job_id in self._sinks:
                 return
-            policy = self._policies.get(job_id, JobLogPolicy())
+            policy = self._policies.get(job_id, _DEFAULT_POLICY)
             self._sinks[job_id] = logger.add(
                 self.path(job_id),
                 format=JOB_LINE_FORMAT,

@@ -238,7 +238,8 @@ class CronSchedule(Schedule):
         raise AssertionError(f"no progress resolving {self.describe()} after {ts}")
 
 
-@lru_cache(maxsize=4096)
+# As large as _shared: H expressions expand to many distinct plain ones.
+@lru_cache(maxsize=1 << 17)
 def _parse_plain(expr: str) -> cron.ParsedCron:
     return cron.parse(expr)
 
@@ -257,8 +258,19 @@ def parse_cron(expr: str, tz: ZoneInfo, job_id: str) -> Schedule:
     """
     if not isinstance(expr, str):
         raise TriggerError(f"a cron expression must be a string, not {type(expr).__name__}", 0)
-    parsed = cron.parse(expr, job_id) if cron.has_hash(expr) else _parse_plain(expr)
-    return _shared(parsed.source, parsed.expanded, tz)
+    if not cron.has_hash(expr):
+        parsed = _parse_plain(expr)
+        return _shared(parsed.source, parsed.expanded, tz)
+    quick = cron.expand_hash(expr, job_id)  # H terms filled in from a per-expression template
+    if quick is not None:
+        try:
+            _parse_plain(quick[1])
+        except TriggerError:
+            quick = None  # parse() below says what is wrong, at the right offset
+    if quick is None:
+        parsed = cron.parse(expr, job_id)
+        quick = parsed.source, parsed.expanded
+    return _shared(quick[0], quick[1], tz)
 
 
 def _fmt_seconds(seconds: float) -> str:
