@@ -132,6 +132,10 @@ def run_task(
 ) -> ChildOutcome:
     """Load ``target``, call it with ``ctx``, and map the result; never raises.
 
+    A run launched ahead of its slot calls the task at ``not_before``; before
+    waiting, a task function's optional ``prepare(ctx)`` attribute is called,
+    so imports and set-up happen ahead of the slot too.
+
     ``own_process=True`` says the caller will exit with the returned code right
     after, so the task may ``exec`` (see :func:`in_own_process`). Streams are
     flushed before returning because fork-server children leave via ``os._exit``.
@@ -149,6 +153,9 @@ def _run(target: str, ctx: RunContext, not_before: float | None = None) -> Child
         # Inside the try: an exception other than ImportError while importing the
         # target module is the task's own code failing, and maps like one.
         func = load_target(target)
+        prepare = getattr(func, "prepare", None)
+        if callable(prepare):
+            prepare(ctx)  # work a task can do ahead of its slot (e.g. imports)
         if not_before is not None:
             # Launched ahead of its slot: everything is ready, start on the dot.
             delay = not_before - time.time()

@@ -240,3 +240,19 @@ def _exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def prepared(ctx: RunContext) -> None:
+    """Print when prepare ran and when the task itself began."""
+    print(f"prepared {_prepared_at!r} began {time.time()!r}", flush=True)
+
+
+_prepared_at = 0.0
+
+
+def _prepare(ctx: RunContext) -> None:
+    global _prepared_at
+    _prepared_at = time.time()
+
+
+prepared.prepare = _prepare  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from scheduler.apsched import MAX_MISSED_RECORDS, ScheduleTrigger
+from scheduler.apsched import LAUNCH_LEAD, MAX_MISSED_RECORDS, ScheduleTrigger
 from scheduler.catchup import LATE_AFTER, MAX_CATCHUP_RUNS, decide
 from scheduler.triggers import parse_cron, parse_every
 
@@ -37,9 +37,10 @@ def due_after_outage(
     missed = Missed()
     trigger = ScheduleTrigger("j", schedule, window, missed)  # type: ignore[arg-type]
     sched = BackgroundScheduler(timezone=UTC)
-    first = trigger.get_next_fire_time(last_slot, last_slot + timedelta(microseconds=1))
+    first = trigger.first_fire_after(last_slot)
     job = sched.add_job(print, trigger=trigger, next_run_time=first)
-    return job._get_run_times(now), missed
+    # APScheduler's times are the launch times, LAUNCH_LEAD ahead of the slots.
+    return [t + LAUNCH_LEAD for t in job._get_run_times(now)], missed
 
 
 def test_outage_slots_come_due_in_order() -> None:

@@ -51,6 +51,15 @@ def test_a_run_launched_ahead_starts_its_task_on_the_dot(runner: Runner, col: Co
     assert slot <= began < slot + 0.05  # the task function itself ran at the slot
 
 
+def test_prepare_runs_before_the_slot_and_the_task_at_it(runner: Runner, col: Collector) -> None:
+    slot = time.time() + 0.3
+    h = runner.launch(request("prepared", not_before=slot))
+    assert h.wait(10) is not None
+    (line,) = col.out(h.run_id)
+    _, prepared, _, began = line.split()
+    assert float(prepared) < slot <= float(began) < slot + 0.05
+
+
 def test_params_and_braces_delivered_verbatim(runner: Runner, col: Collector) -> None:
     text = "a {} b {name} c {0!r} %s\nsecond line\tend\n"
     req = request("say", {"text": text, "err": "{oops}\n"})

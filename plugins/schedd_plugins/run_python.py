@@ -20,8 +20,18 @@ if TYPE_CHECKING:
     from scheduler.types import RunContext
 
 
+def prepare(ctx: RunContext) -> None:
+    """Import the target before the slot (see ``scheduler.child.run_task``), so the
+    user's function starts on time; a target that cannot be imported fails here
+    exactly as it would in :func:`run`."""
+    load_target(ctx.params["target"])
+
+
 def run(ctx: RunContext) -> int:
     params = ctx.params
     func = load_target(params["target"])  # TargetError -> exit status 127 in the child
     code, _ = exit_status(func(*params.get("args", ()), **params.get("kwargs", {})))
     return code
+
+
+run.prepare = prepare  # type: ignore[attr-defined]
