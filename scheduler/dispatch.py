@@ -336,7 +336,7 @@ class Dispatcher:
             run_id=run_id,
             task=spec.task,
             scheduled_for=start.slot,
-            started_at=handle.started_at,
+            started_at=_task_start(handle.started_at, start.slot),
             attempt=start.attempt,
             pid=handle.pid,
             node=NODE,
@@ -350,7 +350,7 @@ class Dispatcher:
                     start.slot,
                     "running",
                     start.attempt,
-                    started_at=handle.started_at,
+                    started_at=_task_start(handle.started_at, start.slot),
                     pid=handle.pid,
                     reason=start.reason,
                 )
@@ -382,7 +382,7 @@ class Dispatcher:
                 scheduled_for=act.start.slot,
                 status=result.status,
                 attempt=act.start.attempt,
-                started_at=result.started_at,
+                started_at=_task_start(result.started_at, act.start.slot),
                 ended_at=result.ended_at,
                 exit_code=result.exit_code,
                 signal=result.signal,
@@ -474,6 +474,11 @@ class Dispatcher:
             self._recorder.record(rec)
         except Exception as exc:
             logger.opt(exception=exc).error(f"could not record {rec.summary()}: {exc!r}")
+
+
+def _task_start(launched: datetime, slot: datetime | None) -> datetime:
+    """A run launched ahead of its slot (LAUNCH_LEAD) starts its task at the slot."""
+    return max(launched, slot) if slot is not None else launched
 
 
 def _describe(result: RunResult) -> str:
