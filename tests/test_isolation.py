@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,6 @@ from scheduler.runner import Runner
 from tests.runner_tasks import Collector, read_pids, request, wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def col() -> Collector:
-    return Collector()
-
-
-@pytest.fixture(scope="module")
-def runner(col: Collector) -> Iterator[Runner]:
-    r = Runner(on_line=col.on_line, on_event=col.on_event)
-    r.start()
-    yield r
-    r.close(grace=1.0)
 
 
 def _no_zombies(runner: Runner) -> list[int]:

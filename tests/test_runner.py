@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ import pytest
 from scheduler import procs
 from scheduler.runner import LINE_LIMIT, Runner
 from tests.runner_tasks import Collector, read_pids, request, wait_gone
-
-
-@pytest.fixture(scope="module")
-def col() -> Collector:
-    return Collector()
-
-
-@pytest.fixture(scope="module")
-def runner(col: Collector) -> Iterator[Runner]:
-    r = Runner(on_line=col.on_line, on_event=col.on_event)
-    r.start()
-    yield r
-    r.close(grace=1.0)
 
 
 def test_success_reports_pid_and_start_marker(runner: Runner) -> None:
