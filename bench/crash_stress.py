@@ -95,7 +95,13 @@ def _integrity(db: Path) -> bool:
         conn.close()
 
 
-def run(iterations: int, seed: int = 0, workdir: Path | None = None) -> Audit:
+def run(
+    iterations: int,
+    seed: int = 0,
+    workdir: Path | None = None,
+    wait: tuple[float, float] = (0.3, 2.0),
+) -> Audit:
+    """``iterations`` start/SIGKILL cycles, each killing after a random ``wait`` range (s)."""
     from scheduler.recovery import run_processes
 
     rng = random.Random(seed)
@@ -108,7 +114,7 @@ def run(iterations: int, seed: int = 0, workdir: Path | None = None) -> Audit:
         db = state / "ledger.db"
         for _ in range(iterations):
             proc = _start(config, state)
-            time.sleep(rng.uniform(0.3, 2.0))
+            time.sleep(rng.uniform(*wait))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             audit.iterations += 1

@@ -76,6 +76,15 @@ def write(path: Path, runs: int, jobs: int, first: int = 0, **options: object) -
     }
 
 
+def throughput(runs: int, reps: int, jobs: int = 100) -> list[float]:
+    """Runs/s of the default ledger (:func:`write`), one fresh file per repetition."""
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps):
+            rates.append(write(Path(tmp) / f"t{rep}.db", runs, jobs)["runs_s"])
+    return rates
+
+
 def paced(path: Path, rate: float, seconds: float, **options: object) -> dict[str, float]:
     """``rate`` runs/s for ``seconds``; every ~2 ms, count the runs handed over but not committed.
 

@@ -8,3 +8,7 @@ import time
 def mark() -> None:
     """Print the wall time at which task code first ran (for fire lateness)."""
     print(f"ran-at {time.time():.6f}", flush=True)
+
+
+def noop() -> None:
+    """A job function that does nothing (the APScheduler process-pool peer's job)."""
