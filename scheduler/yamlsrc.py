@@ -645,6 +645,47 @@ class _Bail(Exception):
     """The lean build met something to report; the careful build takes over."""
 
 
+MergeError = Callable[[Node, str], None]
+
+
+def merge_sources(value: Node, on_error: MergeError | None = None) -> list[MappingNode]:
+    """The mappings a merge key (``<<``) names; ``on_error`` hears about anything else.
+
+    One walk for all three readers of a file (fast path, builder, locator), which
+    differ only in what a bad merge means to them: bail out, report, or ignore.
+    """
+    if isinstance(value, MappingNode):
+        return [value]
+    if isinstance(value, SequenceNode) and all(isinstance(n, MappingNode) for n in value.value):
+        return list(value.value)
+    if on_error is not None:
+        on_error(value, "a merge key '<<' needs a mapping or a list of mappings (<<: *base)")
+    return []
+
+
+def flatten(
+    node: MappingNode, on_error: MergeError | None = None, seen: frozenset[int] = frozenset()
+) -> Iterator[tuple[Node, Node]]:
+    """A merge source's entries, highest priority first: its own keys, then its merges."""
+    if id(node) in seen:
+        if on_error is not None:
+            on_error(node, "a merge key refers to a mapping that contains it (a cycle)")
+        return
+    nested: list[MappingNode] = []
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            if not nested:
+                nested = merge_sources(value_node, on_error)
+        else:
+            yield key_node, value_node
+    for source in nested:
+        yield from flatten(source, on_error, seen | {id(node)})
+
+
+def _bail(_node: Node, _message: str) -> None:
+    raise _Bail
+
+
 class _Fast:
     """The lean build: the same values as :class:`_Builder` for any file it
     finishes, and no bookkeeping (paths, problems, alias accounting).
@@ -722,35 +763,14 @@ class _Fast:
             else:
                 out[key] = self.build(value_node, depth + 1)
         if merge is not None:
-            for source in self.merge_sources(merge):
-                for key_node, value_node in self.flatten(source, frozenset()):
+            for source in merge_sources(merge, _bail):
+                for key_node, value_node in flatten(source, _bail):
                     if key_node.__class__ is not ScalarNode:
                         raise _Bail
                     key = self.scalar(key_node)
                     if key not in out:
                         out[key] = self.build(value_node, depth + 1)
         return out
-
-    @staticmethod
-    def merge_sources(value: Node) -> list[MappingNode]:
-        if isinstance(value, MappingNode):
-            return [value]
-        if isinstance(value, SequenceNode) and all(isinstance(n, MappingNode) for n in value.value):
-            return list(value.value)
-        raise _Bail
-
-    def flatten(self, node: MappingNode, seen: frozenset[int]) -> Iterator[tuple[Node, Node]]:
-        if id(node) in seen:
-            raise _Bail
-        nested: list[MappingNode] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                if not nested:
-                    nested = self.merge_sources(value_node)
-            else:
-                yield key_node, value_node
-        for source in nested:
-            yield from self.flatten(source, seen | {id(node)})
 
 
 class _Builder:
@@ -836,7 +856,7 @@ class _Builder:
                     self.fail(key_node, None, f"duplicate key '<<' (first at line {line})")
                     continue
                 merge_at = key_node
-                merges = self.merge_sources(value_node)
+                merges = merge_sources(value_node, self._merge_error)
                 continue
             key = self.key(key_node)
             if key is INVALID:
@@ -848,37 +868,15 @@ class _Builder:
             first[key] = key_node
             out[key] = self.node(value_node, (*path, key), depth + 1)
         for source in merges:
-            for key_node, value_node in self.flatten(source):
+            for key_node, value_node in flatten(source, self._merge_error):
                 key = self.key(key_node)
                 if key is INVALID or key in out:
                     continue
                 out[key] = self.node(value_node, (*path, key), depth + 1)
         return out
 
-    def merge_sources(self, value: Node) -> list[MappingNode]:
-        if isinstance(value, MappingNode):
-            return [value]
-        if isinstance(value, SequenceNode) and all(isinstance(n, MappingNode) for n in value.value):
-            return [n for n in value.value if isinstance(n, MappingNode)]
-        self.fail(value, None, "a merge key '<<' needs a mapping or a list of mappings (<<: *base)")
-        return []
-
-    def flatten(
-        self, node: MappingNode, seen: frozenset[int] = frozenset()
-    ) -> Iterator[tuple[Node, Node]]:
-        """A merge source's entries, highest priority first: its own keys, then its merges."""
-        if id(node) in seen:
-            self.fail(node, None, "a merge key refers to a mapping that contains it (a cycle)")
-            return
-        nested: list[MappingNode] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                if not nested:
-                    nested = self.merge_sources(value_node)
-            else:
-                yield key_node, value_node
-        for source in nested:
-            yield from self.flatten(source, seen | {id(node)})
+    def _merge_error(self, node: Node, message: str) -> None:
+        self.fail(node, None, message)
 
 
 _NO_KEY: Final = object()
@@ -966,13 +964,13 @@ class _Locator:
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
                 if merges is None:
-                    merges = self.merge_sources(value_node)
+                    merges = merge_sources(value_node)
                 continue
             key = self.key_value(key_node)
             if key is not _NO_KEY and key not in out:
                 out[key] = (key_node, value_node)
         for source in merges or ():
-            for key_node, value_node in self.flatten(source, frozenset()):
+            for key_node, value_node in flatten(source):
                 key = self.key_value(key_node)
                 if key is not _NO_KEY and key not in out:
                     out[key] = (key_node, value_node)
@@ -990,24 +988,3 @@ class _Locator:
             return construct(self.ctor, node)
         except Exception:
             return _NO_KEY
-
-    @staticmethod
-    def merge_sources(value: Node) -> list[MappingNode]:
-        if isinstance(value, MappingNode):
-            return [value]
-        if isinstance(value, SequenceNode) and all(isinstance(n, MappingNode) for n in value.value):
-            return list(value.value)
-        return []
-
-    def flatten(self, node: MappingNode, seen: frozenset[int]) -> Iterator[tuple[Node, Node]]:
-        if id(node) in seen:
-            return
-        nested: list[MappingNode] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                if not nested:
-                    nested = self.merge_sources(value_node)
-            else:
-                yield key_node, value_node
-        for source in nested:
-            yield from self.flatten(source, seen | {id(node)})
