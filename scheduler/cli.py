@@ -299,9 +299,7 @@ def run(config_path: str | None, state_dir: str | None, shutdown_grace: str) -> 
         raise ScheddError(f"--shutdown-grace: {exc}") from None
     pm, registry = load_plugins()
     config = load_config(find_config(config_path), registry)
-    _print_plugin_warnings(registry)
-    for warning in config.warnings:
-        click.echo(str(warning), err=True)
+    _print_plugin_warnings(registry)  # the config's warnings go to the daemon log
     daemon = Daemon(
         config,
         registry,

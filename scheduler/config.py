@@ -8,7 +8,8 @@ Merge rules for ``defaults`` (a partial job, validated once; its errors point
 at ``defaults``):
 
 * each key applies to every job that does not set it;
-* ``env`` is merged key by key, the job's value winning;
+* ``env`` is merged key by key, the job's value winning; ``env_file`` is
+  replaced as a whole (``env_file: null`` in a job drops the defaults' one);
 * ``cron``/``every``/``at`` count as one key: a job that sets any of them
   ignores all three in ``defaults``;
 * ``params`` are replaced as a whole, never merged, and are validated against
@@ -18,8 +19,10 @@ Values: durations as in :mod:`scheduler.durations` (``90``, ``5m``, ``1h30m``);
 ``env`` values may be strings, numbers or booleans and become strings
 (``true``/``false`` as YAML spells them); ``at`` takes a YAML timestamp or an
 ISO 8601 string, a naive one or a bare date (midnight) meaning the job's time
-zone, and a time in the past is only a warning; ``state_dir`` expands ``~``
-and is relative to the config file's directory. Unknown keys are errors at
+zone, and a time in the past is only a warning; ``state_dir`` and ``env_file`` expand ``~``
+and are relative to the config file's directory; an ``env_file`` is read at
+load (its problems are config errors, a file other users may read is a
+warning) and again at each run's start. Unknown keys are errors at
 every level; duplicate keys too (see :mod:`scheduler.yamlsrc`).
 
 This module imports no pydantic, apscheduler or loguru at import time: the
@@ -84,6 +87,7 @@ JOB_DEFAULTS: Final[dict[str, Any]] = {
     "retries": DEFAULT_RETRIES,
     "retry_delay": DEFAULT_RETRY_DELAY,
     "env": {},
+    "env_file": None,
     "log_rotation": DEFAULT_LOG_ROTATION,
     "log_retention": DEFAULT_LOG_RETENTION,
     "enabled": DEFAULT_ENABLED,
@@ -126,7 +130,10 @@ class JobSpec:
     catchup_window: float = DEFAULT_CATCHUP_WINDOW
     retries: int = DEFAULT_RETRIES
     retry_delay: float = DEFAULT_RETRY_DELAY
-    env: dict[str, str] = field(default_factory=dict)
+    # Values may be secret: kept out of repr() so no log line or traceback shows them.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Absolute path of the job's env file, re-read at each run's start (see scheduler.envfile).
+    env_file: str | None = None
     log_rotation: str = DEFAULT_LOG_ROTATION
     log_retention: int = DEFAULT_LOG_RETENTION
     enabled: bool = DEFAULT_ENABLED

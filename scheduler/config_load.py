@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import SchemaSerializer, SchemaValidator
 
 from scheduler import config_model as m
-from scheduler import triggers
+from scheduler import envfile, redact, triggers
 from scheduler.config import (
     DEFAULT_TIMEZONE,
     JOB_DEFAULTS,
@@ -212,6 +212,7 @@ _SPEC_FIELDS: Final = [
 if [f.name for f in fields(JobSpec)] != _SPEC_FIELDS:  # pragma: no cover - a guard for edits
     raise AssertionError("JobSpec's fields and JOB_DEFAULTS disagree; update fast_job")
 _ENV_AT: Final = list(JOB_DEFAULTS).index("env")
+_ENV_FILE_AT: Final = list(JOB_DEFAULTS).index("env_file")
 
 
 @dataclass
@@ -288,6 +289,9 @@ class Loader:
         self.job_base_values: list[Any] = []
         self.job_keys: Callable[[Any], dict[str, Any]] = _written_keys
         self.checkers: dict[str, Callable[[Any], dict[str, Any]]] = {}
+        # Each env_file once per place that names it: usable or not (problems said once).
+        self.env_files: dict[tuple[str, PathT], bool] = {}
+        self.secrets: list[str] = []  # values read from env files, hidden in messages
 
     def error(self, loc: Loc, message: str, *, offset: int | None = None) -> None:
         self.problems.append(self.src.problem(loc, message, offset=offset))
@@ -338,8 +342,10 @@ class Loader:
             else:
                 self.warnings.append(Problem(src.name, 0, 0, message, "warning"))
         warnings = sorted(dict.fromkeys(self.warnings))
+        if self.problems or warnings:
+            warnings = self.scrub(warnings)
         if self.problems:
-            raise ConfigError(list(dict.fromkeys(self.problems)) + warnings)
+            raise ConfigError(self.scrub(list(dict.fromkeys(self.problems))) + warnings)
         return Config(self.path, zone or DEFAULT_TIMEZONE, state_dir, jobs, warnings)
 
     def validate(
@@ -377,6 +383,45 @@ class Loader:
                 part.values.pop(k, None)
         return part
 
+    def scrub(self, problems: list[Problem]) -> list[Problem]:
+        """``problems`` with secret values (see :mod:`scheduler.redact`) shown as ``***``:
+        a message may quote a value, and a validator of a plugin may quote anything."""
+        values = [*self.secrets, *_config_secrets(self.src.data)]
+        # kind() shortens long values to 57 characters and "...": hide that form too.
+        values += [repr(v)[:57] for v in values if len(repr(v)) > 60]
+        masker = redact.Masker(values)
+        if not masker:
+            return problems
+        return [replace(p, message=masker.mask(p.message)) for p in problems]
+
+    def env_file(self, value: str, at: PathT) -> Any:
+        """The absolute path of the env file ``value`` named in the mapping at ``at``
+        (a job or defaults), or _BAD once its problem has been reported."""
+        path = os.path.normpath(self.path.parent / Path(value).expanduser())
+        key = (path, at)
+        ok = self.env_files.get(key)
+        if ok is None:
+            ok = self.env_files[key] = self.check_env_file(path, at)
+        return path if ok else _BAD
+
+    def check_env_file(self, path: str, at: PathT) -> bool:
+        """Read the env file now, so validate and reload catch what a run would meet."""
+        loc = self.src.value_loc((*at, "env_file"))
+        try:
+            values = envfile.read(path)
+        except envfile.EnvFileError as exc:
+            if exc.line:  # ENVFILE:LINE: message, and where the config names the file
+                named = f"env_file at {self.src.name}:{loc.line}:{loc.col}"
+                self.problems.append(Problem(exc.path, exc.line, 0, f"{exc.reason} ({named})"))
+            else:
+                self.error(loc, exc.reason)
+            return False
+        self.secrets += values.values()
+        loose = envfile.loose_permissions(path)
+        if loose:
+            self.warnings.append(self.src.problem(loc, loose, warning=True))
+        return True
+
     def unknown_task(self, name: str) -> str:
         known = sorted(self.registry.task_types)
         hint = m.did_you_mean(name, known)
@@ -393,7 +438,8 @@ class Loader:
         """The job's JobSpec if nothing about it needs reporting, else None.
 
         The same validators and merge rules as :meth:`job`, which any None
-        sends the job to; this path adds no problem or warning of its own.
+        sends the job to; this path adds no problem or warning of its own
+        (an env file's are reported once per place, by :meth:`env_file`).
         One-shot ``at`` jobs always go there (their past-time warning).
         """
         if type(job_id) is not str or type(raw) is not dict or _JOB_ID.fullmatch(job_id) is None:
@@ -441,6 +487,12 @@ class Loader:
         else:
             job_keys = [own.get(k, v) for k, v in self.job_base]
         job_keys[_ENV_AT] = {**base.get("env", {}), **own.get("env", {})}
+        env_file = job_keys[_ENV_FILE_AT]
+        if env_file is not None:
+            env_file_at = ("jobs", job_id) if "env_file" in own else defaults.path
+            env_file = job_keys[_ENV_FILE_AT] = self.env_file(env_file, env_file_at)
+            if env_file is _BAD:
+                return None
         line = self.job_lines.get(job_id)
         if line is None:
             line = self.src.key_line(("jobs", job_id))
@@ -517,6 +569,9 @@ class Loader:
             written = raw if at == path else defaults.raw
             schedule, expr = self.schedule(name, found[0], value, at, zone or "UTC", written)
         values = {k: pick(k)[0] for k in JOB_DEFAULTS}
+        env_file, env_file_at = pick("env_file")
+        if isinstance(env_file, str):
+            values["env_file"] = self.env_file(env_file, env_file_at)
         if "env" in part.bad or "env" in defaults.bad:
             return None
         values["env"] = {**defaults.values.get("env", {}), **part.values.get("env", {})}
@@ -580,3 +635,23 @@ class Loader:
             self.error(self.src.value_loc(path), message, offset=getattr(exc, "offset", None))
             return None, ""
         return schedule, expr
+
+
+def _config_secrets(data: Any) -> list[str]:
+    """Secret values written in the config: ``env`` values with secret-looking
+    names, and secrets in ``params`` (see :mod:`scheduler.redact`), of defaults
+    and every job. Only walked when there is a message to scrub."""
+    if not isinstance(data, dict):
+        return []
+    parts = [data.get("defaults")]
+    jobs = data.get("jobs")
+    if isinstance(jobs, dict):
+        parts += jobs.values()
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, dict):
+            env = part.get("env")
+            if isinstance(env, dict):
+                out += redact.env_secrets(env)
+            out += redact.params_secrets(part.get("params"))
+    return out

@@ -271,6 +271,15 @@ class JobFields(BaseModel):
     env: Annotated[dict[EnvName, EnvValue], BeforeValidator(_mapping)] = Field(
         default_factory=dict, description="Environment variables, merged with defaults' env."
     )
+    env_file: Annotated[
+        str | None,
+        BeforeValidator(_optional_path),
+        WithJsonSchema({"type": ["string", "null"]}),
+    ] = Field(
+        None,
+        description="dotenv file of secret variables (KEY=VALUE lines), relative to this file;"
+        " re-read at each run's start; null: none.",
+    )
     log_rotation: Annotated[str, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)] = Field(
         c.DEFAULT_LOG_ROTATION, description="Rotate the job's log file at this size."
     )

@@ -153,6 +153,8 @@ class Daemon:
             self.clock.start()
             control = ControlServer(self.state_dir / "control.sock", DaemonControl(self))
             control.start()
+            for warning in self.config.warnings:  # e.g. an env_file others may read
+                logger.warning(str(warning))
             enabled = sum(1 for j in self.config.jobs.values() if j.enabled)
             logger.info(
                 f"schedd {os.getpid()} started: {self.config.path}, {len(self.config.jobs)} jobs "
@@ -304,6 +306,8 @@ class Daemon:
             logger.error("reload rejected: still running the previous config unchanged")
             self.last_reload = ReloadResult(datetime.now(UTC), False, errors)
             return self.last_reload
+        for warning in new.warnings:
+            logger.warning(str(warning))
         old = self.config.jobs
         added = [j for j in new.jobs if j not in old]
         removed = [j for j in old if j not in new.jobs]

@@ -324,7 +324,14 @@ class Dispatcher:
         if task is None:
             self._record(spec.id, run_id, start, "failed", reason=f"task {spec.task!r} unavailable")
             return None
-        request = build_request(spec, task, run_id, start, self._base_env)
+        try:
+            request = build_request(spec, task, run_id, start, self._base_env)
+        except ScheddError as exc:  # the env file is gone, unreadable or broken now
+            logger.error(f"job {spec.id!r}: run {run_id} not started: {exc}")
+            if self._job_logs is not None:
+                self._job_logs.note(spec.id, run_id, f"not started: {exc}")
+            self._record(spec.id, run_id, start, "failed", reason=f"not started: {exc}")
+            return None
         try:
             handle = self._runner.launch(request)
         except Exception as exc:

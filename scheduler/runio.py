@@ -3,7 +3,8 @@
 Output is split into lines (a line without a newline is cut every
 :data:`LINE_LIMIT` bytes, on a UTF-8 character boundary, so memory stays
 bounded), decoded as UTF-8 with ``errors="replace"`` and handed to
-``on_line(job_id, run_id, stream, text)``. Status messages fill in the run's
+``on_line(job_id, run_id, stream, text)``, with the run's secret values
+masked (:mod:`scheduler.redact`). Status messages fill in the run's
 handle; supervisor events go to ``on_event(job_id, run_id, message)``.
 Callbacks run in this thread and must be quick; an exception in one is
 logged and dropped.
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from scheduler.redact import Masker
 from scheduler.types import RunResult
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ class RunIO:
         self.result: dict[str, Any] | None = None
         self.lost: str | None = None
         self.status_eof = 0.0
+        secrets = handle.request.secrets
+        self.masker = Masker(secrets) if secrets else None
 
 
 class Reader:
@@ -218,6 +222,7 @@ class Reader:
         buf += data
         pos, end = 0, len(buf)
         job, run = io.handle.job_id, io.handle.run_id
+        masker = io.masker
         while pos < end:
             nl = buf.find(b"\n", pos, pos + LINE_LIMIT + 1)
             if nl >= 0:
@@ -226,7 +231,10 @@ class Reader:
                 cut = nxt = utf8_cut(buf, pos, min(end, pos + LINE_LIMIT))
             else:
                 break
-            safely(self._on_line, job, run, stream, buf[pos:cut].decode("utf-8", "replace"))
+            text = buf[pos:cut].decode("utf-8", "replace")
+            if masker is not None:
+                text = masker.mask(text)
+            safely(self._on_line, job, run, stream, text)
             pos = nxt
         del buf[:pos]
 
@@ -269,13 +277,16 @@ class Reader:
             h.reason = h.cancel_reason or lost or msg.get("reason")
         if lost and h.cancel_reason is None:
             safely(self._on_event, h.job_id, h.run_id, f"run lost: {lost}")
+        error = msg.get("error")
+        if error and io.masker is not None:  # an exception's message may quote a secret
+            error = io.masker.mask(error)
         result = RunResult(
             status=msg["status"],
             started_at=h.started_at,
             ended_at=datetime.fromtimestamp(msg["ended"], UTC),
             exit_code=msg.get("exit_code"),
             signal=msg.get("signal"),
-            error=msg.get("error"),
+            error=error,
             reason=h.reason,
         )
         with self._lock:

@@ -64,17 +64,20 @@ class RunRequest:
     ``not_before`` (epoch seconds) lets a run be launched a little ahead of its
     slot: the process is forked and the target imported at once, and the task
     function is called at ``not_before``, so isolation costs no lateness.
+    ``env`` and ``secrets`` stay out of ``repr()``: a log line must not show them.
     """
 
     run_id: str
     job_id: str
     target: str
     ctx: RunContext
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
     cwd: str | None = None
     timeout: float | None = None
     kill_grace: float = 10.0
     not_before: float | None = None
+    #: Values masked as ``***`` in the run's output lines and error (see scheduler.redact).
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 class RunHandle:

@@ -3,6 +3,11 @@
 One place builds a run's context, environment and limits, so a scheduled
 run, a retry, a manual trigger and ``schedd run-once`` cannot drift apart:
 what a plugin author debugs with run-once is what the daemon runs.
+
+A run's environment is exactly, later entries winning: the base allow-list
+taken from the daemon's environment (:func:`scheduler.statedir.base_env`),
+the job's ``env_file`` (read now, so a rotated secret needs no reload), the
+job's ``env``, and the ``SCHEDD_*`` variables that say which run this is.
 """
 
 from __future__ import annotations
@@ -48,8 +53,24 @@ def build_request(
     *,
     timeout: float | None = None,
 ) -> RunRequest:
-    """The run's request; ``timeout`` overrides the job's (run-once --timeout)."""
+    """The run's request; ``timeout`` overrides the job's (run-once --timeout).
+
+    Raises :class:`~scheduler.envfile.EnvFileError` if the job's env file
+    cannot be read or parsed now.
+    """
+    from scheduler import redact
     from scheduler.runner import RunRequest
+
+    from_file: dict[str, str] = {}
+    if spec.env_file is not None:
+        from scheduler import envfile
+
+        from_file = envfile.read(spec.env_file)
+    secrets = (
+        *from_file.values(),
+        *redact.env_secrets(spec.env),
+        *redact.params_secrets(spec.params),
+    )
 
     limit = spec.timeout if timeout is None else timeout
     ctx = RunContext(
@@ -66,7 +87,8 @@ def build_request(
         job_id=spec.id,
         target=task.target,
         ctx=ctx,
-        env={**base_env, **spec.env, **run_env(spec.id, run_id, start)},
+        env={**base_env, **from_file, **spec.env, **run_env(spec.id, run_id, start)},
+        secrets=tuple(dict.fromkeys(secrets)),
         timeout=limit,
         kill_grace=spec.kill_grace,
         # The daemon launches a slot's run slightly ahead of it; the task starts on time.

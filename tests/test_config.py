@@ -911,6 +911,7 @@ JOB_KEYS = {
     "retries",
     "retry_delay",
     "env",
+    "env_file",
     "log_rotation",
     "log_retention",
     "enabled",
