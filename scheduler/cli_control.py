@@ -60,7 +60,9 @@ def _daemon_options(fn: F) -> F:
     return click.option(
         "--state-dir",
         metavar="DIR",
-        type=click.Path(file_okay=False),
+        # Not readable=True (click's default): another user's 0700 state dir must get
+        # the control client's clear "belongs to another user", not a usage error.
+        type=click.Path(file_okay=False, readable=False),
         help="The daemon's state dir (default: the config's state_dir, else the default).",
     )(fn)
 

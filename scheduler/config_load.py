@@ -388,7 +388,8 @@ class Loader:
         a message may quote a value, and a validator of a plugin may quote anything."""
         values = [*self.secrets, *_config_secrets(self.src.data)]
         # kind() shortens long values to 57 characters and "...": hide that form too.
-        values += [repr(v)[:57] for v in values if len(repr(v)) > 60]
+        # (Numbers are shown bare, strings quoted.)
+        values += [form[:57] for v in values for form in (v, repr(v)) if len(form) > 60]
         masker = redact.Masker(values)
         if not masker:
             return problems

@@ -56,11 +56,9 @@ def is_secret_key(name: object) -> bool:
 
 def _text(value: object) -> str | None:
     """The text a scalar leaf becomes (env values are strings; YAML gives numbers too)."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or value is None or isinstance(value, Mapping | list | tuple):
         return None
-    if isinstance(value, str | int | float):
-        return str(value)
-    return None
+    return str(value)  # str, numbers, and the dates YAML makes of 2024-01-01
 
 
 def env_secrets(env: Mapping[Any, Any]) -> list[str]:
