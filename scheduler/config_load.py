@@ -291,6 +291,8 @@ class Loader:
         self.checkers: dict[str, Callable[[Any], dict[str, Any]]] = {}
         # Each env_file once per place that names it: usable or not (problems said once).
         self.env_files: dict[tuple[str, PathT], bool] = {}
+        self.env_paths: dict[str, str] = {}  # as written -> absolute
+        self.env_reads: dict[str, tuple[envfile.EnvFileError | None, str | None]] = {}
         self.secrets: list[str] = []  # values read from env files, hidden in messages
 
     def error(self, loc: Loc, message: str, *, offset: int | None = None) -> None:
@@ -398,7 +400,11 @@ class Loader:
     def env_file(self, value: str, at: PathT) -> Any:
         """The absolute path of the env file ``value`` named in the mapping at ``at``
         (a job or defaults), or _BAD once its problem has been reported."""
-        path = os.path.normpath(self.path.parent / Path(value).expanduser())
+        path = self.env_paths.get(value)
+        if path is None:
+            path = self.env_paths[value] = os.path.normpath(
+                self.path.parent / Path(value).expanduser()
+            )
         key = (path, at)
         ok = self.env_files.get(key)
         if ok is None:
@@ -406,22 +412,29 @@ class Loader:
         return path if ok else _BAD
 
     def check_env_file(self, path: str, at: PathT) -> bool:
-        """Read the env file now, so validate and reload catch what a run would meet."""
+        """Read the env file now, so validate and reload catch what a run would meet.
+        A file named by many jobs is read once; each place naming it gets the message."""
+        found = self.env_reads.get(path)
+        if found is None:
+            try:
+                self.secrets += envfile.read(path).values()
+                found = (None, envfile.loose_permissions(path))
+            except envfile.EnvFileError as err:
+                found = (err, None)
+            self.env_reads[path] = found
+        error, loose = found
+        if error is None and loose is None:
+            return True
         loc = self.src.value_loc((*at, "env_file"))
-        try:
-            values = envfile.read(path)
-        except envfile.EnvFileError as exc:
-            if exc.line:  # ENVFILE:LINE: message, and where the config names the file
-                named = f"env_file at {self.src.name}:{loc.line}:{loc.col}"
-                self.problems.append(Problem(exc.path, exc.line, 0, f"{exc.reason} ({named})"))
-            else:
-                self.error(loc, exc.reason)
-            return False
-        self.secrets += values.values()
-        loose = envfile.loose_permissions(path)
-        if loose:
-            self.warnings.append(self.src.problem(loc, loose, warning=True))
-        return True
+        if error is None:
+            self.warnings.append(self.src.problem(loc, str(loose), warning=True))
+            return True
+        if error.line:  # ENVFILE:LINE: message, and where the config names the file
+            named = f"env_file at {self.src.name}:{loc.line}:{loc.col}"
+            self.problems.append(Problem(error.path, error.line, 0, f"{error.reason} ({named})"))
+        else:
+            self.error(loc, error.reason)
+        return False
 
     def unknown_task(self, name: str) -> str:
         known = sorted(self.registry.task_types)

@@ -95,6 +95,8 @@ class Masker:
     """Replaces every occurrence of the given secret values in a text with :data:`MASK`.
 
     Longer values first, so a secret that contains another is masked whole.
+    Output is masked line by line, so each line of a multi-line secret (a PEM
+    key) is masked on its own too.
     Built once per run; a run without secrets gets a masker whose
     :meth:`mask` returns the text untouched at the cost of one attribute test.
     """
@@ -102,7 +104,8 @@ class Masker:
     __slots__ = ("_pattern",)
 
     def __init__(self, values: Iterable[str]) -> None:
-        kept = sorted({v for v in values if len(v) >= MIN_MASKED}, key=len, reverse=True)
+        parts = {part for v in values for part in (v, *v.splitlines())}
+        kept = sorted({p for p in parts if len(p) >= MIN_MASKED}, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, kept))) if kept else None
 
     def __bool__(self) -> bool:

@@ -188,6 +188,8 @@ def test_secret_names_values_and_masking() -> None:
     masker = redact.Masker(["abc", "secret", "secret-longer"])  # "abc": too short to mask
     assert masker.mask("abc secret secret-longer") == "abc *** ***"
     assert not redact.Masker(["no"]) and redact.Masker(["no"]).mask("no") == "no"
+    pem = "-----BEGIN KEY-----\nMIIEvQIBADANBg\n-----END KEY-----"  # output is masked per line
+    assert redact.Masker([pem]).mask("got MIIEvQIBADANBg here") == "got *** here"
 
 
 # ---- config: env_file at load --------------------------------------------------------
