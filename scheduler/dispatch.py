@@ -327,7 +327,6 @@ class Dispatcher:
         try:
             request = build_request(spec, task, run_id, start, self._base_env)
         except ScheddError as exc:  # the env file is gone, unreadable or broken now
-            logger.error(f"job {spec.id!r}: run {run_id} not started: {exc}")
             if self._job_logs is not None:
                 self._job_logs.note(spec.id, run_id, f"not started: {exc}")
             self._record(spec.id, run_id, start, "failed", reason=f"not started: {exc}")
