@@ -446,6 +446,7 @@ def test_env_file_is_reread_per_run_and_a_broken_one_fails_the_run(
     assert gone["reason"] == (
         f"not started: cannot read env_file {secrets}: No such file or directory"
     )
+    assert f"failed in 0.000s: not started: cannot read env_file {secrets}" in d.daemon_log()
     write_private(secrets, f"A=1\n{rotated}\n")
     broken = trigger_and_wait(d, "show", 4)
     assert broken["status"] == "failed"
