@@ -559,10 +559,10 @@ class Loader:
         if "env" in part.bad or "env" in defaults.bad:
             return None
         values["env"] = {**defaults.values.get("env", {}), **part.values.get("env", {})}
+        values["run_as"] = self.run_as(*pick("run_as"))
         if "limits" in part.bad or "limits" in defaults.bad:
             return None
         values["limits"] = _merged_limits(defaults.values.get("limits"), part.values.get("limits"))
-        values["run_as"] = self.run_as(*pick("run_as"))
         if len(self.problems) > before or schedule is None or params is None or zone is None:
             return None
         if any(v is _BAD for v in values.values()):
@@ -607,7 +607,7 @@ class Loader:
                 self.src.problem(
                     loc,
                     f"run_as {value!r} takes effect only when schedd runs as root;"
-                    f" run as {_identity()}, the daemon would refuse this file",
+                    f" started as {_identity()}, the daemon would refuse this file",
                     warning=True,
                 )
             )
