@@ -227,9 +227,12 @@ def _limit_keys(value: Any) -> dict[str, Any]:
     return {k: getattr(value, k) for k in value.model_fields_set if getattr(value, k) is not None}
 
 
-def _merged_limits(base: Any, own: Any) -> confine.Limits | None:
-    """``defaults``' limits with the job's on top, key by key."""
-    keys = {**_limit_keys(base), **_limit_keys(own)}
+def _merged_limits(base: dict[str, Any], own: dict[str, Any]) -> confine.Limits | None:
+    """``defaults``' limits with the job's on top, key by key; a job's ``limits: null``
+    drops them all."""
+    if "limits" in own and own["limits"] is None:
+        return None
+    keys = {**_limit_keys(base.get("limits")), **_limit_keys(own.get("limits"))}
     return confine.Limits(**keys) if keys else None
 
 
@@ -473,7 +476,7 @@ class Loader:
         else:
             job_keys = [own.get(k, v) for k, v in self.job_base]
         job_keys[_ENV_AT] = {**base.get("env", {}), **own.get("env", {})}
-        job_keys[_LIMITS_AT] = _merged_limits(base.get("limits"), own.get("limits"))
+        job_keys[_LIMITS_AT] = _merged_limits(base, own)
         run_as = own["run_as"] if "run_as" in own else base.get("run_as")
         if run_as is not None:
             user = self.user(run_as)
@@ -562,7 +565,7 @@ class Loader:
         values["run_as"] = self.run_as(*pick("run_as"))
         if "limits" in part.bad or "limits" in defaults.bad:
             return None
-        values["limits"] = _merged_limits(defaults.values.get("limits"), part.values.get("limits"))
+        values["limits"] = _merged_limits(defaults.values, part.values)
         if len(self.problems) > before or schedule is None or params is None or zone is None:
             return None
         if any(v is _BAD for v in values.values()):

@@ -249,7 +249,9 @@ def _at_least_one(value: object) -> int:
 RUN_AS_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._$-]*(?::[A-Za-z0-9._][A-Za-z0-9._$-]*)?$"
 
 
-def _run_as(value: object) -> str:
+def _run_as(value: object) -> str | None:
+    if value is None:  # a job's way out of defaults' run_as
+        return None
     if not isinstance(value, str) or not re.fullmatch(RUN_AS_PATTERN, value):
         raise ValueError(f"must be a user name, or USER:GROUP (got {kind(value)})")
     return value
@@ -370,13 +372,17 @@ class JobFields(BaseModel):
         c.DEFAULT_HISTORY_MAX_AGE, description="Run records older than this are pruned."
     )
     limits: LimitFields | None = _unset(
-        "Resource limits per run; each key overrides the same key in defaults."
+        "Resource limits per run; each key overrides the same key in defaults; null: none."
     )
     run_as: Annotated[
         str | None,
         BeforeValidator(_run_as),
-        WithJsonSchema({"type": "string", "pattern": RUN_AS_PATTERN}),
-    ] = _unset("Run as this user (USER or USER:GROUP); the daemon must run as root.")
+        WithJsonSchema(
+            {"anyOf": [{"type": "string", "pattern": RUN_AS_PATTERN}, {"type": "null"}]}
+        ),
+    ] = _unset(
+        "Run as this user (USER or USER:GROUP); the daemon must run as root. null: as the daemon."
+    )
 
 
 class ConfigFile(BaseModel):

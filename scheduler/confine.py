@@ -330,10 +330,8 @@ def create(req: Mapping[str, Any], event: Callable[[str], None]) -> dict[str, st
 
     A failure is reported as an event and the run goes on with rlimits only.
     """
-    cg, limits = req.get("cgroups"), req.get("limits")
+    cg, limits = req.get("cgroups") or {}, req.get("limits") or {}
     groups: dict[str, str] = {}
-    if not cg or not limits:
-        return groups
     for controller, key in (("memory", "memory"), ("pids", "processes")):
         base = cg.get(controller)
         if base and key in limits:
@@ -341,6 +339,12 @@ def create(req: Mapping[str, Any], event: Callable[[str], None]) -> dict[str, st
                 groups[controller] = _make(cg["kind"], controller, base, req["run_id"], limits)
             except OSError as exc:
                 event(f"cgroup {controller} limit not set ({exc}); rlimits only")
+    as_root = os.geteuid() == 0 and not req.get("run_as")  # RLIMIT_NPROC does not bind root
+    if as_root and "processes" in limits and "pids" not in groups:
+        event(
+            f"process limit {limits['processes']} not enforced: no pids cgroup, and"
+            " RLIMIT_NPROC does not apply to root (give the job a run_as user)"
+        )
     return groups
 
 

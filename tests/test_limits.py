@@ -335,3 +335,86 @@ def test_daemon_records_the_limit_in_the_ledger_and_history(
     table = cli("history", "files").stdout
     assert "open files limit 32 reached" in table
     assert_no_group_left(run_id)  # removed before the result was reported
+
+
+@ROOT_ONLY
+def test_a_process_limit_root_cannot_be_held_to_is_said(bare: Runner, col: Collector) -> None:
+    res, run_id = run(bare, "status", Limits(processes=20))
+    assert res.status == "success"
+    assert any("process limit 20 not enforced" in e for e in col.events.get(run_id, []))
+
+
+# -- detection, on a made-up /proc and cgroup tree ------------------------------------
+
+
+def fake_proc(tmp_path: Path, mounts: list[str], groups: list[str]) -> str:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mountinfo").write_text("".join(f"{n} 23 0:{n} {m}\n" for n, m in enumerate(mounts)))
+    (proc / "cgroup").write_text("".join(g + "\n" for g in groups))
+    return str(proc)
+
+
+def test_detect_prefers_cgroup_v2_with_controllers(tmp_path: Path) -> None:
+    fs = tmp_path / "cg"
+    own = fs / "system.slice" / "schedd.service"
+    (own / "schedd").mkdir(parents=True)
+    (own / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (own / "cgroup.subtree_control").write_text("\n")
+    (own / "schedd" / "cgroup.subtree_control").write_text("")  # as the kernel makes it
+    proc = fake_proc(
+        tmp_path,
+        [f"/ {fs} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"],
+        ["0::/system.slice/schedd.service"],
+    )
+    found, how = confine.detect(proc)
+    assert found == confine.Cgroups("v2", str(own / "schedd"), str(own / "schedd"))
+    assert how == f"limits use cgroup v2 at {own / 'schedd'} and rlimits"
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert (own / "schedd" / "cgroup.subtree_control").read_text() == "+memory +pids"
+
+
+def test_detect_falls_back_to_v1_memory_and_pids(tmp_path: Path) -> None:
+    fs = tmp_path / "cg"
+    (fs / "unified").mkdir(parents=True)
+    (fs / "unified" / "cgroup.controllers").write_text("\n")  # v2 without controllers
+    proc = fake_proc(
+        tmp_path,
+        [
+            f"/ {fs}/unified rw - cgroup2 cgroup2 rw",
+            f"/ {fs}/memory rw - cgroup cgroup rw,memory",
+            f"/ {fs}/pids rw - cgroup cgroup rw,pids",
+            f"/ {fs}/cpu rw - cgroup cgroup rw,cpu",
+        ],
+        ["9:pids:/", "4:memory:/api/abc", "1:cpu:/", "0::/"],
+    )
+    found, how = confine.detect(proc)
+    assert found == confine.Cgroups("v1", f"{fs}/memory/api/abc/schedd", f"{fs}/pids/schedd")
+    assert how.startswith("limits use cgroup v1 (memory at ")
+    assert Path(f"{fs}/memory/api/abc/schedd").is_dir()
+
+
+def test_detect_without_cgroups_says_rlimits_only(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, [f"/ {tmp_path} rw - ext4 /dev/sda1 rw"], ["0::/"])
+    found, how = confine.detect(proc)
+    assert found is None
+    assert how.endswith("limits use rlimits only")
+
+
+@ROOT_ONLY  # run_as in a file loaded to run needs root
+def test_null_in_a_job_drops_defaults_limits_and_run_as(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+        defaults:
+          limits: {memory: 256M}
+          run_as: root
+        jobs:
+          free: {task: shell, every: 1h, params: {command: "true"}, limits: null, run_as: null}
+          held: {task: shell, every: 1h, params: {command: "true"}}
+        """,
+    )
+    assert (config.jobs["free"].limits, config.jobs["free"].run_as) == (None, None)
+    held = config.jobs["held"]
+    assert held.limits == Limits(memory=256 << 20) and held.run_as is not None
+    assert (held.run_as.user, held.run_as.uid) == ("root", 0)
