@@ -20,8 +20,10 @@ The mechanics live here so that the supervisor only makes a few calls:
 * supervisor, after the run: :func:`finish` reads the group's events (OOM
   kills, pids refusals), names the limit that ended the run, removes the group.
 
-Only the standard library, and nothing slow at import: the launcher preloads
-this module for every run, with or without limits. Everything a task needs is
+Only the standard library, and little of it at import: the launcher preloads
+this module for every run, with or without limits, and every module it holds
+makes each fork a little dearer (what only the daemon or a rare path needs is
+imported where it is used). Everything a task needs is
 imported here, before privileges are dropped (a task running as ``nobody`` may
 not be able to read the interpreter's own library directory).
 """
@@ -30,10 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import math
 import os
-import pwd
 import resource
 import signal
 import time
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from scheduler import procs
-from scheduler.durations import format_duration
 
 #: Where cgroup v2 / v1 hierarchies are looked for (overridable for tests).
 PROC_SELF = "/proc/self"
@@ -92,7 +91,10 @@ class RunAsError(ValueError):
 
 
 def resolve_run_as(spec: str) -> RunAs:
-    """``"user"`` (its primary group) or ``"user:group"`` -> :class:`RunAs`."""
+    """``"user"`` (its primary group) or ``"user:group"`` -> :class:`RunAs` (daemon side)."""
+    import grp
+    import pwd
+
     user, _, group = spec.partition(":")
     try:
         pw = pwd.getpwnam(user)
@@ -119,6 +121,8 @@ def format_memory(size: int) -> str:
 
 
 def format_cpu(seconds: float) -> str:
+    from scheduler.durations import format_duration  # only once a cpu limit was hit
+
     return format_duration(seconds)
 
 
