@@ -418,3 +418,31 @@ def test_null_in_a_job_drops_defaults_limits_and_run_as(tmp_path: Path) -> None:
     held = config.jobs["held"]
     assert held.limits == Limits(memory=256 << 20) and held.run_as is not None
     assert (held.run_as.user, held.run_as.uid) == ("root", 0)
+
+
+@ROOT_ONLY
+@needs_pids_cgroup
+def test_run_once_of_a_shell_job_names_the_cgroup_limit(tmp_path: Path) -> None:
+    """A shell cannot say why its fork failed; the pids cgroup's events can."""
+    (tmp_path / "schedd.yaml").write_text(
+        textwrap.dedent(
+            """
+            jobs:
+              forks:
+                task: shell
+                every: 1h
+                limits: {processes: 5}
+                params: {command: "for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait"}
+            """
+        )
+    )
+    res = subprocess.run(
+        schedd("run-once", "forks", "--config", str(tmp_path / "schedd.yaml")),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("schedd: run ") and last.endswith(": process limit 5 reached"), last
