@@ -392,10 +392,9 @@ def set_rlimits(limits: Mapping[str, Any], *, pids_cgroup: bool) -> None:
         _set(resource.RLIMIT_AS, int(limits["memory"]))
     if "cpu" in limits:
         soft = max(1, math.ceil(limits["cpu"]))
-        _hard_now = resource.getrlimit(resource.RLIMIT_CPU)[1]
-        hard = soft + 1
-        if _hard_now != resource.RLIM_INFINITY and os.geteuid() != 0:
-            soft, hard = min(soft, _hard_now), min(hard, _hard_now)
+        hard, ceiling = soft + 1, resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if ceiling != resource.RLIM_INFINITY and os.geteuid() != 0:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
     if "open_files" in limits:
         _set(resource.RLIMIT_NOFILE, int(limits["open_files"]))
@@ -494,27 +493,29 @@ def finish(req: Mapping[str, Any], groups: Mapping[str, str], result: dict[str, 
     """After the run (supervisor): name the limit that ended it, remove its groups.
 
     Only a run that did not succeed and that schedd did not end itself
-    (timeout, cancel) gets a limit as its ``reason``; one the task already
-    named (from its exception) is kept.
+    (timeout, cancel) gets a limit as its ``reason``. The evidence, first
+    found wins: an OOM kill in the group; what the task's exception showed
+    (:func:`explain`); forks the pids group refused; SIGXCPU, or SIGKILL once
+    the run's processes used the CPU limit (the hard limit, one second on).
     """
     limits = req.get("limits") or {}
     kind = (req.get("cgroups") or {}).get("kind", "")
     oom, forks = _events(kind, groups) if groups else (0, 0)
     for group in dict.fromkeys(groups.values()):
         _remove(group)
+    told = result.pop("limit", None)  # what the task's exception showed
     status = result.get("status")
     if status in ("success", "timeout") or (status == "killed" and _ended_by_schedd(result)):
         return
     sig = result.get("signal")
     if oom:
         result["reason"] = memory_reason(limits)
-    elif result.get("limit"):
-        result["reason"] = result["limit"]
+    elif told:
+        result["reason"] = told
     elif forks:
         result["reason"] = process_reason(limits)
     elif "cpu" in limits and (sig == "SIGXCPU" or (sig == "SIGKILL" and _used_cpu(limits))):
         result["reason"] = f"cpu limit {format_cpu(limits['cpu'])} exceeded ({sig})"
-    result.pop("limit", None)
 
 
 def _ended_by_schedd(result: Mapping[str, Any]) -> bool:

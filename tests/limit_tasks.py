@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import time
 
 from scheduler.types import RunContext
@@ -55,6 +56,13 @@ def hog_memory(ctx: RunContext) -> None:
 
 def spin(ctx: RunContext) -> None:
     """Burn CPU until RLIMIT_CPU ends the process."""
+    while True:
+        pass
+
+
+def spin_past_sigxcpu(ctx: RunContext) -> None:
+    """Ignore SIGXCPU and burn CPU: the hard limit's SIGKILL ends it."""
+    signal.signal(signal.SIGXCPU, signal.SIG_IGN)
     while True:
         pass
 

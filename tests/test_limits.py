@@ -233,6 +233,12 @@ def test_cpu_limit_sigxcpu(confined: Runner) -> None:
     assert_no_group_left(run_id)  # a cpu limit alone needs no cgroup: none was made
 
 
+def test_cpu_limit_sigkill_when_sigxcpu_is_ignored(confined: Runner) -> None:
+    res, _ = run(confined, "spin_past_sigxcpu", Limits(cpu=1))
+    assert (res.status, res.signal) == ("killed", "SIGKILL")
+    assert res.reason == "cpu limit 1s exceeded (SIGKILL)"
+
+
 def test_open_files_limit(confined: Runner, col: Collector) -> None:
     res, run_id = run(confined, "open_files", Limits(open_files=64))
     assert (res.status, res.error) == ("failed", "OSError")
