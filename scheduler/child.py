@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -72,6 +72,8 @@ class ChildOutcome:
     exit_code: int
     error: str | None = None
     note: str | None = None
+    #: The exception itself, for the supervisor to tell a limit being hit (not compared).
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 class TargetError(ImportError):
@@ -171,7 +173,7 @@ def _run(target: str, ctx: RunContext, not_before: float | None = None) -> Child
         return ChildOutcome(EXIT_INTERRUPTED, error="KeyboardInterrupt")
     except BaseException as exc:
         traceback.print_exc()
-        return ChildOutcome(1, error=type(exc).__name__)
+        return ChildOutcome(1, error=type(exc).__name__, exception=exc)
     code, note = exit_status(result)
     return ChildOutcome(code, note=note)
 

@@ -76,11 +76,12 @@ def _registry() -> Registry:
     return registry
 
 
-def _load(config_path: str | None) -> tuple[Config, Registry]:
+def _load(config_path: str | None, *, to_run: bool = False) -> tuple[Config, Registry]:
+    """Load the config; ``to_run``: this process will run its jobs (see load_config)."""
     from scheduler.config import find_config, load_config
 
     registry = _registry()
-    return load_config(find_config(config_path), registry), registry
+    return load_config(find_config(config_path), registry, to_run=to_run), registry
 
 
 def _print_plugin_warnings(registry: Registry) -> None:
@@ -325,7 +326,7 @@ def run_once_cmd(job_id: str, config_path: str | None, timeout: str | None) -> N
     from scheduler.errors import ScheddError
     from scheduler.runonce import run_once
 
-    config, registry = _load(config_path)
+    config, registry = _load(config_path, to_run=True)
     job = _find_job(config, job_id)
     task = registry.task_types.get(job.task)
     if task is None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from scheduler.errors import ConfigError, Problem, ScheddError
 
 if TYPE_CHECKING:
+    from scheduler.confine import Limits, RunAs
     from scheduler.plugins import Registry
     from scheduler.triggers import Schedule
 
@@ -95,6 +96,8 @@ JOB_DEFAULTS: Final[dict[str, Any]] = {
     "rerun_lost": DEFAULT_RERUN_LOST,
     "history_limit": DEFAULT_HISTORY_LIMIT,
     "history_max_age": DEFAULT_HISTORY_MAX_AGE,
+    "limits": None,
+    "run_as": None,
 }
 
 OVERLAP_POLICIES: Final = ("skip", "queue", "replace", "allow")
@@ -141,6 +144,8 @@ class JobSpec:
     rerun_lost: bool = DEFAULT_RERUN_LOST
     history_limit: int = DEFAULT_HISTORY_LIMIT
     history_max_age: float = DEFAULT_HISTORY_MAX_AGE
+    limits: Limits | None = None
+    run_as: RunAs | None = None
     line: int = 0
 
 
@@ -181,11 +186,15 @@ def find_config(explicit: str | None) -> Path:
     )
 
 
-def load_config(path: str | Path, registry: Registry) -> Config:
+def load_config(path: str | Path, registry: Registry, *, to_run: bool = True) -> Config:
     """Read, parse and validate ``path``; raise ConfigError listing every problem.
 
     Problems name the file as given (``path``), which reads best in a
     terminal; ``Config.path`` is absolute, which survives a ``chdir``.
+    ``to_run``: the jobs are about to run from this process (daemon, reload,
+    run-once), so ``run_as`` without root is an error; otherwise (``schedd
+    validate``, listings) it is only a warning: people check a root daemon's
+    file as themselves.
     """
     from scheduler import yamlsrc
     from scheduler.config_load import Loader
@@ -202,7 +211,7 @@ def load_config(path: str | Path, registry: Registry) -> Config:
     with yamlsrc.gc_paused():
         src = yamlsrc.parse_bytes(data, name)
         try:
-            return Loader(src, registry, absolute).load()
+            return Loader(src, registry, absolute, to_run=to_run).load()
         finally:
             del src
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import SchemaSerializer, SchemaValidator
 
 from scheduler import config_model as m
-from scheduler import envfile, redact, triggers
+from scheduler import confine, envfile, redact, triggers
 from scheduler.config import (
     DEFAULT_TIMEZONE,
     JOB_DEFAULTS,
@@ -115,7 +115,11 @@ def _follow(raw: Any, loc: tuple[int | str, ...]) -> tuple[PathT, bool]:
 
 def _unknown(scope: Scope, key: object, parent: PathT) -> str:
     if parent:
-        return f"unknown key {kind(key)} in {_label(scope.label, parent)}"
+        nested = m.NESTED_KEYS.get(parent[-1]) if len(parent) == 1 and not scope.label else None
+        hint = m.did_you_mean(key, nested) if nested else ""
+        if nested and not hint:
+            hint = f"; known keys: {', '.join(nested)}"
+        return f"unknown key {kind(key)} in {_label(scope.label, parent)}{hint}"
     hint = m.did_you_mean(key, list(scope.known))
     if not hint and scope.list_known and scope.known:
         hint = f"; known keys: {', '.join(scope.known)}"
@@ -213,6 +217,34 @@ if [f.name for f in fields(JobSpec)] != _SPEC_FIELDS:  # pragma: no cover - a gu
     raise AssertionError("JobSpec's fields and JOB_DEFAULTS disagree; update fast_job")
 _ENV_AT: Final = list(JOB_DEFAULTS).index("env")
 _ENV_FILE_AT: Final = list(JOB_DEFAULTS).index("env_file")
+_LIMITS_AT: Final = list(JOB_DEFAULTS).index("limits")
+_RUN_AS_AT: Final = list(JOB_DEFAULTS).index("run_as")
+
+
+def _limit_keys(value: Any) -> dict[str, Any]:
+    """The keys a validated ``limits:`` sets (``limits: null`` sets none)."""
+    if not isinstance(value, m.LimitFields):
+        return {}
+    return {k: getattr(value, k) for k in value.model_fields_set if getattr(value, k) is not None}
+
+
+def _merged_limits(base: dict[str, Any], own: dict[str, Any]) -> confine.Limits | None:
+    """``defaults``' limits with the job's on top, key by key; a job's ``limits: null``
+    drops them all."""
+    if "limits" in own and own["limits"] is None:
+        return None
+    keys = {**_limit_keys(base.get("limits")), **_limit_keys(own.get("limits"))}
+    return confine.Limits(**keys) if keys else None
+
+
+def _identity() -> str:
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
 
 
 @dataclass
@@ -274,10 +306,13 @@ def _position(loc: Loc) -> tuple[int, int]:
 class Loader:
     """One load: collects every problem, then returns a Config or raises once."""
 
-    def __init__(self, src: Source, registry: Registry, path: Path) -> None:
+    def __init__(self, src: Source, registry: Registry, path: Path, *, to_run: bool = True) -> None:
         self.src = src
         self.registry = registry
         self.path = path
+        self.to_run = to_run
+        self.root = os.geteuid() == 0
+        self.users: dict[str, confine.RunAs | confine.RunAsError] = {}
         self.problems: list[Problem] = list(src.problems)  # errors only
         self.warnings: list[Problem] = []
         self.now = datetime.now(UTC)
@@ -507,6 +542,13 @@ class Loader:
             env_file = job_keys[_ENV_FILE_AT] = self.env_file(env_file, env_file_at)
             if env_file is _BAD:
                 return None
+        job_keys[_LIMITS_AT] = _merged_limits(base, own)
+        run_as = own["run_as"] if "run_as" in own else base.get("run_as")
+        if run_as is not None:
+            user = self.user(run_as)
+            if not self.root or isinstance(user, confine.RunAsError):
+                return None  # job() says what is wrong, where
+            job_keys[_RUN_AS_AT] = user
         line = self.job_lines.get(job_id)
         if line is None:
             line = self.src.key_line(("jobs", job_id))
@@ -589,6 +631,10 @@ class Loader:
         if "env" in part.bad or "env" in defaults.bad:
             return None
         values["env"] = {**defaults.values.get("env", {}), **part.values.get("env", {})}
+        values["run_as"] = self.run_as(*pick("run_as"))
+        if "limits" in part.bad or "limits" in defaults.bad:
+            return None
+        values["limits"] = _merged_limits(defaults.values, part.values)
         if len(self.problems) > before or schedule is None or params is None or zone is None:
             return None
         if any(v is _BAD for v in values.values()):
@@ -600,6 +646,44 @@ class Loader:
             id=name, task=task, params=params, trigger_kind=cast(TriggerKind, found[0]),
             trigger_expr=expr, schedule=schedule, timezone=zone, line=src.key_line(path), **values,
         )  # fmt: skip
+
+    def user(self, spec: str) -> confine.RunAs | confine.RunAsError:
+        """``run_as`` resolved once per load (jobs usually share one)."""
+        found = self.users.get(spec)
+        if found is None:
+            try:
+                found = confine.resolve_run_as(spec)
+            except confine.RunAsError as exc:
+                found = exc
+            self.users[spec] = found
+        return found
+
+    def run_as(self, value: Any, at: PathT) -> Any:
+        """The job's resolved ``run_as`` (or _UNSET/_BAD), its problems reported at its value."""
+        if value is _UNSET or value is _BAD or value is None:
+            return None if value is None else value
+        loc = self.src.value_loc((*at, "run_as"))
+        user = self.user(value)
+        if isinstance(user, confine.RunAsError):
+            self.error(loc, str(user))
+            return _BAD
+        if not self.root:
+            if self.to_run:
+                self.error(
+                    loc,
+                    f"run_as {value!r} needs schedd to run as root, and it runs as {_identity()};"
+                    " start it as root or remove run_as",
+                )
+                return _BAD
+            self.warnings.append(
+                self.src.problem(
+                    loc,
+                    f"run_as {value!r} takes effect only when schedd runs as root;"
+                    f" started as {_identity()}, the daemon would refuse this file",
+                    warning=True,
+                )
+            )
+        return user
 
     def params(self, task_type: Any, raw: Any, at: PathT) -> dict[str, Any] | None:
         if task_type is None or raw is _BAD:

@@ -219,6 +219,84 @@ def _optional_path(value: object) -> str | None:
     return None if value is None else _nonempty(value)
 
 
+#: Memory limits: bytes, or K/M/G/T (also KiB ... TiB), binary units either way.
+MEMORY_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTkmgt])(?:i[Bb])?)?\s*$"
+_MEMORY_RE = re.compile(MEMORY_PATTERN)
+_MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_MEMORY = 1 << 20
+
+
+def _memory(value: object) -> int:
+    form = "bytes or an amount with K, M, G or T (binary units: 256M is 256 MiB)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _MEMORY_RE.fullmatch(value)):
+        size = round(float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").lower()])
+    else:
+        raise ValueError(f"must be {form} (got {kind(value)})")
+    if size < MIN_MEMORY:
+        raise ValueError(f"must be at least 1M (got {kind(value)})")
+    return size
+
+
+def _at_least_one(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number >= 1 (got {kind(value)})")
+    return value
+
+
+#: ``user`` or ``user:group``: names as useradd(8) allows them, no spaces.
+RUN_AS_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._$-]*(?::[A-Za-z0-9._][A-Za-z0-9._$-]*)?$"
+
+
+def _run_as(value: object) -> str | None:
+    if value is None:  # a job's way out of defaults' run_as
+        return None
+    if not isinstance(value, str) or not re.fullmatch(RUN_AS_PATTERN, value):
+        raise ValueError(f"must be a user name, or USER:GROUP (got {kind(value)})")
+    return value
+
+
+class LimitFields(BaseModel):
+    """A job's ``limits:``; each key is optional and overrides the one in ``defaults``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        title="Limits",
+        json_schema_extra={"description": "Resource limits of each run, enforced in its process."},
+    )
+
+    memory: Annotated[
+        int | None,
+        BeforeValidator(_memory),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": MIN_MEMORY},
+                    {"type": "string", "pattern": MEMORY_PATTERN},
+                ]
+            }
+        ),
+    ] = _unset(
+        "Address space per process (RLIMIT_AS) and, with a cgroup, the whole run's memory: 256M."
+    )
+    cpu: Annotated[
+        float | None, BeforeValidator(_positive_duration), WithJsonSchema(_DURATION_SCHEMA)
+    ] = _unset("CPU time per process (RLIMIT_CPU): SIGXCPU at the limit, SIGKILL 1s later.")
+    open_files: Annotated[
+        int | None,
+        BeforeValidator(_at_least_one),
+        WithJsonSchema({"type": "integer", "minimum": 1}),
+    ] = _unset("Open file descriptors per process (RLIMIT_NOFILE).")
+    processes: Annotated[
+        int | None,
+        BeforeValidator(_at_least_one),
+        WithJsonSchema({"type": "integer", "minimum": 1}),
+    ] = _unset(
+        "Processes (and threads) of a run: a cgroup pids limit, else RLIMIT_NPROC (per user)."
+    )
+
+
 class JobFields(BaseModel):
     """A job, and ``defaults`` (a partial job). Every key is optional here
     because ``defaults`` may supply it; ``model_fields_set`` tells what the
@@ -302,6 +380,18 @@ class JobFields(BaseModel):
     history_max_age: Duration = Field(
         c.DEFAULT_HISTORY_MAX_AGE, description="Run records older than this are pruned."
     )
+    limits: LimitFields | None = _unset(
+        "Resource limits per run; each key overrides the same key in defaults; null: none."
+    )
+    run_as: Annotated[
+        str | None,
+        BeforeValidator(_run_as),
+        WithJsonSchema(
+            {"anyOf": [{"type": "string", "pattern": RUN_AS_PATTERN}, {"type": "null"}]}
+        ),
+    ] = _unset(
+        "Run as this user (USER or USER:GROUP); the daemon must run as root. null: as the daemon."
+    )
 
 
 class ConfigFile(BaseModel):
@@ -325,6 +415,8 @@ class ConfigFile(BaseModel):
 
 
 JOB_KEYS: list[str] = list(JobFields.model_fields)
+#: Keys of the job keys that are mappings of their own, for "did you mean".
+NESTED_KEYS: dict[str, list[str]] = {"limits": list(LimitFields.model_fields)}
 TOP_KEYS: list[str] = list(ConfigFile.model_fields)
 
 

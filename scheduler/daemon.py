@@ -109,7 +109,7 @@ class Daemon:
         from scheduler.ledger import LEDGER_FILE, Ledger
         from scheduler.logs import JobLogs, setup_daemon_logging
         from scheduler.records import LogRecorder, TeeRecorder
-        from scheduler.runner import Runner
+        from scheduler.runner import Runner, cgroups_in_use
 
         make_private_dir(self.state_dir)
         lock = StateDirLock(self.state_dir)
@@ -123,10 +123,14 @@ class Daemon:
             self.paused = ledger.paused() & set(self.config.jobs)
             self.job_logs = JobLogs(self.state_dir / "logs")
             self._apply_job_policies(self.config.jobs)
+            cgroups, how = cgroups_in_use()  # before the launcher: it must inherit the result
+            logger.info(f"resource limits: {how}")
+            self._sweep_cgroups(cgroups)
             self.runner = Runner(
                 on_line=self.job_logs.write,
                 on_event=self._on_run_event,
                 preload=builtin_task_modules(self.registry),
+                cgroups=cgroups,
             )
             try:
                 self.runner.start()
@@ -184,6 +188,14 @@ class Daemon:
                 logger.warning(x.record.summary())
             end_run_processes(ids)
         return lost
+
+    @staticmethod
+    def _sweep_cgroups(cgroups: Any) -> None:
+        """Remove the empty per-run cgroups a crashed daemon left behind."""
+        from scheduler.confine import sweep
+
+        if cgroups is not None and (n := sweep(cgroups)):
+            logger.info(f"removed {n} stale run cgroup(s) left by an earlier daemon")
 
     def _rerun_lost(self, lost: list[Any]) -> None:
         """Re-run each lost slot once for jobs with ``rerun_lost: true``.

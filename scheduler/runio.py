@@ -275,6 +275,8 @@ class Reader:
             lost = lost or "the run's supervisor ended without reporting a result"
         if msg["status"] == "killed":
             h.reason = h.cancel_reason or lost or msg.get("reason")
+        elif msg.get("reason"):  # e.g. a resource limit the run hit
+            h.reason = msg["reason"]
         if lost and h.cancel_reason is None:
             safely(self._on_event, h.job_id, h.run_id, f"run lost: {lost}")
         error = msg.get("error")

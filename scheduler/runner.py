@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from scheduler import confine
 from scheduler.child import ctx_to_json
 from scheduler.launcher import default_env, pack, spawn
 from scheduler.runio import (
@@ -65,6 +66,7 @@ class RunRequest:
     slot: the process is forked and the target imported at once, and the task
     function is called at ``not_before``, so isolation costs no lateness.
     ``env`` and ``secrets`` stay out of ``repr()``: a log line must not show them.
+    ``limits`` and ``run_as`` are enforced in the task process (:mod:`scheduler.confine`).
     """
 
     run_id: str
@@ -78,6 +80,8 @@ class RunRequest:
     not_before: float | None = None
     #: Values masked as ``***`` in the run's output lines and error (see scheduler.redact).
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    limits: confine.Limits | None = None
+    run_as: confine.RunAs | None = None
 
 
 class RunHandle:
@@ -143,6 +147,8 @@ class Runner:
     ``preload`` names modules the launcher imports once (plugin modules), so
     children find them already imported. ``launcher_env`` replaces the
     launcher's minimal default environment (see :func:`~scheduler.launcher.default_env`).
+    ``cgroups`` is where runs with memory/process limits get their cgroup:
+    ``"auto"`` detects it once (:func:`cgroups_in_use`), None means rlimits only.
     If the launcher dies, its runs resolve as ``killed`` and the next
     :meth:`launch` starts a new one (logged). Callbacks must not call :meth:`close`.
     """
@@ -154,8 +160,10 @@ class Runner:
         on_event: OnEvent = _no_event,
         preload: Sequence[str] = (),
         launcher_env: Mapping[str, str] | None = None,
+        cgroups: confine.Cgroups | str | None = "auto",
     ) -> None:
         self._preload = list(preload)
+        self._cgroups = cgroups
         self._launcher_env = dict(default_env() if launcher_env is None else launcher_env)
         self._lock = threading.Lock()
         self._ios: dict[str, RunIO] = {}  # unresolved runs
@@ -170,6 +178,7 @@ class Runner:
 
     def start(self) -> None:
         """Exec the launcher and start the reader; raise if the launcher does not come up."""
+        _ = self.cgroups  # before the launcher exists: detection may move this process (v2)
         with self._lock:
             if self._started:
                 return
@@ -181,11 +190,26 @@ class Runner:
             if launcher.dead or launcher.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"schedd launcher failed to start (exit {launcher.proc.poll()})")
 
+    @property
+    def cgroups(self) -> confine.Cgroups | None:
+        if isinstance(self._cgroups, str):
+            self._cgroups = cgroups_in_use()[0]
+        return self._cgroups
+
     def launch(self, req: RunRequest) -> RunHandle:
         """Send one run to the launcher and return at once; thread-safe."""
         handle = RunHandle(self, req)
+        extra: dict[str, Any] = {}
+        if req.limits is not None:
+            extra["limits"] = limits = req.limits.to_json()
+            cg = self.cgroups if confine.needs_cgroup(limits) else None
+            if cg is not None:
+                extra["cgroups"] = cg.to_json()
+        if req.run_as is not None:
+            extra["run_as"] = req.run_as.to_json()
         msg = pack(
             {
+                **extra,
                 "op": "run",
                 "nfds": 3,
                 "run_id": req.run_id,
@@ -303,3 +327,14 @@ class Runner:
                 return
             handle.cancel_reason = handle.cancel_reason or reason
             self._control({"op": "cancel", "run_id": handle.run_id}, io.launcher)
+
+
+_detected: tuple[confine.Cgroups | None, str] | None = None
+
+
+def cgroups_in_use() -> tuple[confine.Cgroups | None, str]:
+    """The cgroup mechanism of this process's runs, detected once, and a sentence saying so."""
+    global _detected
+    if _detected is None:
+        _detected = confine.detect()
+    return _detected

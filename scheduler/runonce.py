@@ -73,6 +73,7 @@ def run_once(spec: JobSpec, task: TaskType, *, timeout: float | None = None) -> 
         detail += f" ({result.error})"
     sys.stderr.write(
         f"schedd: run {run_id} of {spec.id!r}: {result.status}"
-        f"{', ' + detail if detail else ''} in {result.duration:.3f}s\n"
+        f"{', ' + detail if detail else ''} in {result.duration:.3f}s"
+        f"{': ' + result.reason if result.reason else ''}\n"
     )
     return exit_status(result)

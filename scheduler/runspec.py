@@ -73,6 +73,7 @@ def build_request(
     )
 
     limit = spec.timeout if timeout is None else timeout
+    identity = spec.run_as.env() if spec.run_as is not None else {}
     ctx = RunContext(
         job_id=spec.id,
         run_id=run_id,
@@ -87,10 +88,12 @@ def build_request(
         job_id=spec.id,
         target=task.target,
         ctx=ctx,
-        env={**base_env, **from_file, **spec.env, **run_env(spec.id, run_id, start)},
+        env={**base_env, **identity, **from_file, **spec.env, **run_env(spec.id, run_id, start)},
         secrets=tuple(dict.fromkeys(secrets)),
         timeout=limit,
         kill_grace=spec.kill_grace,
         # The daemon launches a slot's run slightly ahead of it; the task starts on time.
         not_before=start.slot.timestamp() if start.slot is not None else None,
+        limits=spec.limits,
+        run_as=spec.run_as,
     )

@@ -44,7 +44,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from scheduler import procs
+from scheduler import confine, procs
 from scheduler.child import ctx_from_json, run_task
 
 #: What the supervisor waits for with ``sigtimedwait``; all blocked from the fork on.
@@ -207,11 +207,13 @@ class _Supervisor:
 
     def main(self) -> None:
         me = os.getpid()
+        limits = self.req.get("limits")
+        groups = confine.create(self.req, self._event) if limits else {}  # never joined here
         report_r, report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.task = os.fork()
         if self.task == 0:
             os.close(report_r)
-            _task(self.req, self.status, report_w, me)
+            _task(self.req, self.status, report_w, me, groups)
         os.close(report_w)
         try:  # noqa: SIM105  (no contextlib.suppress here: see send())
             os.setpgid(self.task, self.task)
@@ -246,6 +248,8 @@ class _Supervisor:
         note = _read_report(report_r, result)
         if note:
             self._event(note)
+        if limits:
+            confine.finish(self.req, groups, result)  # names the limit hit; removes the groups
         send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
         # Release every pipe in one call: the daemon sees the run end in one wakeup, and
         # before this process's address space is torn down (exit closes fds last).
@@ -328,24 +332,30 @@ def _read_report(fd: int, result: dict[str, Any]) -> str | None:
                 result["error"] = msg["error"]
             if msg.get("note"):
                 note = msg["note"]
+            if msg.get("limit"):
+                result["limit"] = msg["limit"]
         except (ValueError, AttributeError):
             continue
     return note
 
 
-def _task(req: Mapping[str, Any], status: int, report: int, supervisor: int) -> NoReturn:
-    """The task process: own process group, exact environment, then run the target.
+def _task(
+    req: Mapping[str, Any], status: int, report: int, supervisor: int, groups: Mapping[str, str]
+) -> NoReturn:
+    """The task process: own process group, limits and identity, exact environment, the target.
 
     Signal dispositions are already the defaults (see the module doc); only
     the mask is cleared, after the parent-death signal is armed.
     """
     code = EXIT_SETUP
-    error = note = None
+    error = note = limit = None
     try:
         os.setpgid(0, 0)
         procs.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != supervisor:
             os._exit(EXIT_SETUP)
+        if groups or req.get("limits") or req.get("run_as"):
+            confine.enter(req, groups, supervisor)  # cgroup, rlimits, then drop privileges
         procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
         cwd = req.get("cwd")
         if cwd:
@@ -357,25 +367,31 @@ def _task(req: Mapping[str, Any], status: int, report: int, supervisor: int) -> 
             req["target"], req["ctx"], own_process=True, not_before=req.get("not_before")
         )
         code, error, note = outcome.exit_code, outcome.error, outcome.note
+        if outcome.exception is not None and req.get("limits"):
+            limit = confine.explain(outcome.exception, req["limits"])
     except BaseException as exc:
         try:
             traceback.print_exc()
             sys.stderr.flush()
         finally:
             error = type(exc).__name__
-    try:  # noqa: SIM105  (no contextlib.suppress here: see send())
-        os.write(report, DONE if error is None and note is None else _done(error, note))
+            limit = confine.explain(exc, req.get("limits"))
+    try:
+        plain = error is None and note is None and limit is None
+        os.write(report, DONE if plain else _done(error, note, limit))
     except OSError:
         pass
     os._exit(code)
 
 
-def _done(error: str | None, note: str | None) -> bytes:
+def _done(error: str | None, note: str | None, limit: str | None = None) -> bytes:
     msg = {"ev": "done"}
     if error is not None:
         msg["error"] = error
     if note is not None:
         msg["note"] = note
+    if limit is not None:
+        msg["limit"] = limit
     return (json.dumps(msg) + "\n").encode()
 
 

@@ -919,6 +919,8 @@ JOB_KEYS = {
     "rerun_lost",
     "history_limit",
     "history_max_age",
+    "limits",
+    "run_as",
 }
 
 
