@@ -160,10 +160,28 @@ def _env_name(value: object) -> str:
     return value
 
 
+def os_text(value: str) -> str:
+    """``value`` if the OS can take it (environment, paths): no NUL, and encodable.
+
+    YAML's ``"\\0"`` and ``"\\uD800"`` escapes make strings that ``execve``
+    and ``open`` refuse; caught here they are a located error, not a failed
+    run or a daemon that cannot create its state dir.
+    """
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogate escapes)") from None
+    return value
+
+
 def _env_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str | int | float):
+    if isinstance(value, str):
+        return os_text(value)
+    if isinstance(value, int | float):
         return str(value)
     raise ValueError(f"must be a string, number or true/false (got {kind(value)})")
 
@@ -216,7 +234,7 @@ _STRING = WithJsonSchema({"type": "string"})
 
 
 def _optional_path(value: object) -> str | None:
-    return None if value is None else _nonempty(value)
+    return None if value is None else os_text(_nonempty(value))
 
 
 class JobFields(BaseModel):
