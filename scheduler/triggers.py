@@ -333,8 +333,9 @@ class AtSchedule(Schedule):
 
     def next_after(self, t: datetime) -> datetime | None:
         _aware_ts(t)
-        # Compare in UTC: same-tzinfo comparison would ignore fold.
-        if self.instant.astimezone(_UTC) > t.astimezone(_UTC):
+        # Compare offsets from the UTC epoch: same-tzinfo comparison (or subtraction)
+        # ignores fold, and astimezone() overflows at the calendar's ends (0001-01-01+14:00).
+        if self.instant - _EPOCH > t - _EPOCH:
             return self.instant
         return None
 
