@@ -99,10 +99,14 @@ def _deep(depth: int, kind: str) -> bytes:
     return b"jobs:\n" + b"".join(b"  " * (i + 1) + b"k:\n" for i in range(depth)) + b"\n"
 
 
+def mutated_from(base: bytes) -> st.SearchStrategy[bytes]:
+    """``base`` with one to four mutations of the kinds the issue lists."""
+    return _mutated(base)
+
+
 @st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    """example.yaml with one to four mutations of the kinds the issue lists."""
-    data = EXAMPLE
+def _mutated(draw: st.DrawFn, base: bytes) -> bytes:
+    data = base
     for _ in range(draw(st.integers(1, 4))):
         lines = data.split(b"\n")
         op = draw(
@@ -147,7 +151,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 
 random_yaml = st.one_of(
-    mutated(),
+    mutated_from(EXAMPLE),
     st.binary(max_size=300),
     st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.builds(_laughs, st.integers(1, 12), st.integers(2, 12), st.booleans()),
