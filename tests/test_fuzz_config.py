@@ -33,7 +33,7 @@ _, REGISTRY = load_plugins()
 MARKER = Path(f"/tmp/schedd-fuzz-marker-{os.getpid()}")
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
