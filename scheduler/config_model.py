@@ -114,9 +114,17 @@ def _nonempty(value: object) -> str:
     return str(value)
 
 
+#: Counts (retries, log_retention, history_limit) stop here: SQLite takes no larger
+#: integer, and nothing is meant to be counted further (history_limit: 10**30 made
+#: every pruning round of the job fail, age-based pruning included).
+MAX_COUNT = 2**31 - 1
+
+
 def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"must be a whole number >= 0 (got {kind(value)})")
+    if value > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT} (got {kind(value)})")
     return value
 
 
@@ -282,7 +290,7 @@ class JobFields(BaseModel):
     catchup_window: Duration = Field(
         c.DEFAULT_CATCHUP_WINDOW, description="How far back a missed run still counts."
     )
-    retries: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+    retries: Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_RETRIES, description="Extra attempts after a failed run."
     )
     retry_delay: Duration = Field(c.DEFAULT_RETRY_DELAY, description="Wait before a retry.")
@@ -292,7 +300,7 @@ class JobFields(BaseModel):
     log_rotation: Annotated[str, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)] = Field(
         c.DEFAULT_LOG_ROTATION, description="Rotate the job's log file at this size."
     )
-    log_retention: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+    log_retention: Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_LOG_RETENTION, description="Rotated log files to keep."
     )
     enabled: Annotated[bool, BeforeValidator(_flag)] = Field(
@@ -305,7 +313,7 @@ class JobFields(BaseModel):
         c.DEFAULT_RERUN_LOST,
         description="Re-run a slot once if the daemon died while it was running.",
     )
-    history_limit: Annotated[int, Field(ge=1), BeforeValidator(_count)] = Field(
+    history_limit: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_HISTORY_LIMIT, description="Run records kept per job in the ledger."
     )
     history_max_age: Duration = Field(
