@@ -322,6 +322,8 @@ def test_validate_in_a_real_process_never_prints_a_traceback(tmp_path: Path) -> 
         ('state_dir: "\\uDC00"', "state_dir must be valid Unicode text"),
         ('defaults: {env: {X: "a\\0"}}', "env.X must not contain a NUL character"),
         ('defaults: {env: {X: "\\uD800"}}', "env.X must be valid Unicode text"),
+        ("defaults: {history_limit: 99999999999999999999}", "history_limit must be at most"),
+        ("defaults: {retries: 2147483648}", "retries must be at most 2147483647"),
     ],
 )
 def test_strings_the_os_refuses_are_config_errors(
@@ -330,7 +332,8 @@ def test_strings_the_os_refuses_are_config_errors(
     """Found by this fuzzing: a NUL or a lone surrogate (YAML escapes) in
     ``state_dir`` or ``env`` passed validation, then ``schedd run`` died with
     a ValueError traceback creating the state dir, and every run of the job
-    failed (or was killed) setting its environment."""
+    failed (or was killed) setting its environment; a huge history_limit made
+    every pruning round of the job fail in SQLite."""
     path = tmp_path / "schedd.yaml"
     path.write_text(f"{snippet}\njobs:\n  a: {{task: shell, every: 1s, params: {{command: x}}}}\n")
     with pytest.raises(ConfigError) as caught:
