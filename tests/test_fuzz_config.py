@@ -272,7 +272,7 @@ def test_alias_bombs_and_deep_nesting_are_refused_within_bounds(tmp_path: Path) 
 # -- the same through the CLI -------------------------------------------------------
 
 
-@FUZZ
+@settings(FUZZ, max_examples=40)  # each invocation loads the plugins again
 @given(random_yaml)
 def test_validate_exits_0_or_1_with_located_lines(
     tmp_path_factory: pytest.TempPathFactory, data: bytes
