@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 LAUNCH_LEAD = timedelta(milliseconds=50)
 #: At most this many jumped-over slots are recorded one by one; the rest are counted.
 MAX_MISSED_RECORDS = 1000
+#: The scheduler re-reads the wall clock at least this often (seconds); see _Scheduler.
+MAX_SLEEP = 60.0
 #: Every job's (unused) keyword arguments: one shared, never-modified mapping.
 _NO_KWARGS: dict[str, Any] = {}
 
@@ -192,6 +194,21 @@ class _JobStore(MemoryJobStore):  # type: ignore[misc]
         index.update((entry[0].id, entry) for entry in entries)
 
 
+class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
+    """APScheduler's background scheduler, never sleeping longer than MAX_SLEEP.
+
+    It sleeps until the next fire time on the monotonic clock, which neither
+    a wall-clock step nor a system suspend advances: with only a yearly job,
+    a clock stepped forward past its fire time (or a machine that slept
+    through it) would be noticed months late. Waking at least once a minute
+    bounds that lateness; the wake-up is one look at the head of a sorted list.
+    """
+
+    def _process_jobs(self) -> float | None:
+        wait: float | None = super()._process_jobs()
+        return wait if wait is None else min(wait, MAX_SLEEP)
+
+
 #: Every job's APScheduler settings; see the module docstring for why.
 _JOB_DEFAULTS: dict[str, Any] = {
     "misfire_grace_time": None,
@@ -206,7 +223,7 @@ class Clock:
     def __init__(self, dispatcher: Dispatcher, on_missed: MissedCallback) -> None:
         self._on_missed = on_missed
         self._store = _JobStore()
-        self._scheduler = BackgroundScheduler(
+        self._scheduler = _Scheduler(
             timezone=UTC,
             executors={"default": DispatchExecutor(dispatcher)},
             jobstores={"default": self._store},

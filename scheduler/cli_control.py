@@ -100,7 +100,7 @@ def resolve_state_dir(state_dir: str | None, config_path: str | None) -> Path:
     value = data.get("state_dir")
     if value is None or value == "":
         return default_state_dir()
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\0" in value:
         raise ScheddError(f"{path}: state_dir is not a path; pass --state-dir")
     return Path(os.path.normpath(path.parent / Path(value).expanduser()))
 

@@ -174,7 +174,7 @@ def logs(
     if not re.fullmatch(JOB_ID_PATTERN, job):
         raise click.BadParameter(f"{job!r} is not a job id ({JOB_ID_RULE})", param_hint="JOB")
     path = resolve_state_dir(state_dir, config_path) / "logs" / f"{job}.log"
-    marker = [run_id.encode()] if run_id else None
+    marker = [os.fsencode(run_id)] if run_id else None  # argv bytes, as given
 
     def keep(line: bytes) -> bool:
         return marker is None or line.split(b" ", 3)[2:3] == marker

@@ -38,8 +38,14 @@ def history(
     as_json: bool,
 ) -> None:
     """Past runs, newest first: every fire, including skipped and missed slots."""
+    import re
+
+    from scheduler.config import JOB_ID_PATTERN, JOB_ID_RULE
     from scheduler.errors import ScheddError
     from scheduler.ledger import LEDGER_FILE, Ledger
+
+    if job is not None and not re.fullmatch(JOB_ID_PATTERN, job):  # no such job, ever
+        raise click.BadParameter(f"{job!r} is not a job id ({JOB_ID_RULE})", param_hint="JOB")
 
     state = resolve_state_dir(state_dir, config_path)
     path = state / LEDGER_FILE

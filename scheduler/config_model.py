@@ -114,9 +114,17 @@ def _nonempty(value: object) -> str:
     return str(value)
 
 
+#: Counts (retries, log_retention, history_limit) stop here: SQLite takes no larger
+#: integer, and nothing is meant to be counted further (history_limit: 10**30 made
+#: every pruning round of the job fail, age-based pruning included).
+MAX_COUNT = 2**31 - 1
+
+
 def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"must be a whole number >= 0 (got {kind(value)})")
+    if value > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT} (got {kind(value)})")
     return value
 
 
@@ -160,10 +168,28 @@ def _env_name(value: object) -> str:
     return value
 
 
+def os_text(value: str) -> str:
+    """``value`` if the OS can take it (environment, paths): no NUL, and encodable.
+
+    YAML's ``"\\0"`` and ``"\\uD800"`` escapes make strings that ``execve``
+    and ``open`` refuse; caught here they are a located error, not a failed
+    run or a daemon that cannot create its state dir.
+    """
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogate escapes)") from None
+    return value
+
+
 def _env_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str | int | float):
+    if isinstance(value, str):
+        return os_text(value)
+    if isinstance(value, int | float):
         return str(value)
     raise ValueError(f"must be a string, number or true/false (got {kind(value)})")
 
@@ -216,7 +242,7 @@ _STRING = WithJsonSchema({"type": "string"})
 
 
 def _optional_path(value: object) -> str | None:
-    return None if value is None else _nonempty(value)
+    return None if value is None else os_text(_nonempty(value))
 
 
 #: Memory limits: bytes, or K/M/G/T (also KiB ... TiB), binary units either way.
@@ -342,7 +368,7 @@ class JobFields(BaseModel):
     catchup_window: Duration = Field(
         c.DEFAULT_CATCHUP_WINDOW, description="How far back a missed run still counts."
     )
-    retries: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+    retries: Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_RETRIES, description="Extra attempts after a failed run."
     )
     retry_delay: Duration = Field(c.DEFAULT_RETRY_DELAY, description="Wait before a retry.")
@@ -361,7 +387,7 @@ class JobFields(BaseModel):
     log_rotation: Annotated[str, BeforeValidator(_size), WithJsonSchema(_SIZE_SCHEMA)] = Field(
         c.DEFAULT_LOG_ROTATION, description="Rotate the job's log file at this size."
     )
-    log_retention: Annotated[int, Field(ge=0), BeforeValidator(_count)] = Field(
+    log_retention: Annotated[int, Field(ge=0, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_LOG_RETENTION, description="Rotated log files to keep."
     )
     enabled: Annotated[bool, BeforeValidator(_flag)] = Field(
@@ -374,7 +400,7 @@ class JobFields(BaseModel):
         c.DEFAULT_RERUN_LOST,
         description="Re-run a slot once if the daemon died while it was running.",
     )
-    history_limit: Annotated[int, Field(ge=1), BeforeValidator(_count)] = Field(
+    history_limit: Annotated[int, Field(ge=1, le=MAX_COUNT), BeforeValidator(_count)] = Field(
         c.DEFAULT_HISTORY_LIMIT, description="Run records kept per job in the ledger."
     )
     history_max_age: Duration = Field(

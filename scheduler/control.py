@@ -181,7 +181,15 @@ class _Arg(NamedTuple):
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 1024
+    """A short string a file name or SQLite can hold: JSON's ``"\\u0000"`` and
+    lone-surrogate escapes (``"\\udcff"``) decode to strings neither takes."""
+    if not isinstance(value, str) or not 0 < len(value) <= 1024 or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_optional_id(value: object) -> bool:

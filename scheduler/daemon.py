@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,6 +98,7 @@ class Daemon:
         self.paused: set[str] = set()
         self._pause_lock = threading.Lock()
         self._events: queue.SimpleQueue[tuple[str, Future[Any] | None]] = queue.SimpleQueue()
+        self._restore_signals: Callable[[], None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
@@ -169,6 +170,9 @@ class Daemon:
             return self._main_loop()
         finally:
             gc.enable()
+            if self._restore_signals is not None:
+                self._restore_signals()
+                self._restore_signals = None
             if control is not None:
                 control.close()
             if self.ledger is not None:
@@ -284,6 +288,40 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
+        self._wake_on_signals()
+
+    def _wake_on_signals(self) -> None:
+        """Wake the main loop whichever thread a signal lands on.
+
+        The kernel may deliver a signal sent to the process to any of its
+        threads. Python runs the handler on the main thread, but only once
+        that thread executes bytecode again, and the main loop sleeps in a
+        queue wait that only a signal delivered to the main thread itself
+        interrupts: without this, a SIGHUP or SIGTERM could wait for the
+        loop's 60 s tick (measured: 6 of 40 SIGHUPs took longer than 5 s).
+        The C-level handler writes to the wakeup fd from whatever thread it
+        runs on; a small thread turns that into a no-op event, and the main
+        thread, woken, runs the handler.
+        """
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(read_fd, True)
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def pump() -> None:
+            try:
+                while os.read(read_fd, 64):
+                    self._events.put(("wake", None))
+            except OSError:
+                pass
+            finally:
+                os.close(read_fd)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)  # the pump reads EOF and ends
+
+        threading.Thread(target=pump, name="schedd-signals", daemon=True).start()
+        self._restore_signals = restore
 
     def _shutdown(self) -> None:
         logger.info("shutting down: no new runs; waiting for running runs to finish")

@@ -295,6 +295,20 @@ class EverySchedule(Schedule):
         self.interval_us = round(seconds * 1_000_000)
         self.tz = tz
 
+    # By value: a reload compares old and new JobSpecs, and a fresh parse of an
+    # unchanged ``every`` must not make the job look changed.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EverySchedule):
+            return NotImplemented
+        return (self.interval_us, self.seconds, self.tz) == (
+            other.interval_us,
+            other.seconds,
+            other.tz,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.interval_us, self.tz))
+
     def describe(self) -> str:
         return f"every {_fmt_seconds(self.seconds)}"
 
@@ -328,13 +342,23 @@ class AtSchedule(Schedule):
         self.instant = instant
         self.tz = tz
 
+    def __eq__(self, other: object) -> bool:  # by value, as EverySchedule
+        if not isinstance(other, AtSchedule):
+            return NotImplemented
+        same = (self.instant - _EPOCH, self.instant.isoformat(), self.tz)
+        return same == (other.instant - _EPOCH, other.instant.isoformat(), other.tz)
+
+    def __hash__(self) -> int:
+        return hash((self.instant - _EPOCH, self.tz))
+
     def describe(self) -> str:
         return f"at {self.instant.isoformat()}"
 
     def next_after(self, t: datetime) -> datetime | None:
         _aware_ts(t)
-        # Compare in UTC: same-tzinfo comparison would ignore fold.
-        if self.instant.astimezone(_UTC) > t.astimezone(_UTC):
+        # Compare offsets from the UTC epoch: same-tzinfo comparison (or subtraction)
+        # ignores fold, and astimezone() overflows at the calendar's ends (0001-01-01+14:00).
+        if self.instant - _EPOCH > t - _EPOCH:
             return self.instant
         return None
 

@@ -949,6 +949,7 @@ def test_json_schema_covers_the_file_and_each_task() -> None:
     assert job["properties"]["retries"] == {
         "default": 0,
         "description": "Extra attempts after a failed run.",
+        "maximum": 2**31 - 1,
         "minimum": 0,
         "title": "Retries",
         "type": "integer",

@@ -33,12 +33,14 @@ class ShellParams(TaskParams):
             raise ValueError("command must not be empty")
         if any("\0" in p for p in parts):
             raise ValueError("command must not contain NUL characters")
+        if not all(_encodable(p) for p in parts):
+            raise ValueError("command must be valid Unicode text (no lone surrogate escapes)")
         return value
 
     @field_validator("cwd")
     @classmethod
     def _check_cwd(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "\0" in value):
+        if value is not None and (not value or "\0" in value or not _encodable(value)):
             raise ValueError("cwd must be a non-empty path")
         return value
 
@@ -50,7 +52,19 @@ class ShellParams(TaskParams):
                 raise ValueError(f"invalid environment variable name {name!r}")
             if "\0" in val:
                 raise ValueError(f"environment variable {name} contains a NUL character")
+            if not _encodable(name) or not _encodable(val):
+                raise ValueError(f"environment variable {name!r} is not valid Unicode text")
         return value
+
+
+def _encodable(text: str) -> bool:
+    """False for a string the OS cannot take: a YAML ``"\\uD800"`` escape makes a
+    lone surrogate, which ``execve`` would refuse only once the run starts."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @hookimpl
