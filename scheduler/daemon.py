@@ -351,6 +351,12 @@ class Daemon:
             new = load_config(self.config.path, self.registry)
         except ConfigError as exc:
             errors = [str(p) for p in exc.problems]
+        except Exception as exc:  # a loader bug must not take the running schedule down
+            logger.opt(exception=exc).error("reload failed inside schedd (a bug: please report)")
+            errors = [f"{self.config.path}: internal error while loading: {type(exc).__name__}"]
+        else:
+            errors = []
+        if errors:
             for line in errors:
                 logger.error(line)
             logger.error("reload rejected: still running the previous config unchanged")

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, Daemon, alive, daemon, schedd, wait_for
 
 __all__ = ["daemon"]  # the fixture
@@ -221,3 +223,28 @@ def test_invalid_config_starts_nothing(tmp_path: Path) -> None:
     assert "did you mean 'shell'" in res.stderr
     assert "Traceback" not in res.stderr
     assert not state.exists()
+
+
+def test_a_loader_bug_on_reload_keeps_the_old_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not bad input but a bug in schedd itself: the reload is rejected, nothing is applied."""
+    import scheduler.config
+    from scheduler.config import load_config
+    from scheduler.daemon import Daemon as InProcess
+    from scheduler.plugins import load_plugins
+
+    path = tmp_path / "schedd.yaml"
+    path.write_text("jobs:\n  a:\n    task: shell\n    every: 1h\n    params: {command: 'true'}\n")
+    _, registry = load_plugins()
+    before = load_config(path, registry)
+    d = InProcess(before, registry, tmp_path / "state", echo=False)
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise RuntimeError("loader bug")
+
+    monkeypatch.setattr(scheduler.config, "load_config", boom)
+    result = d.reload()
+    assert not result.ok
+    assert result.errors == [f"{path}: internal error while loading: RuntimeError"]
+    assert d.config is before
