@@ -1,14 +1,10 @@
-# Plain string paths here: this runs in freshly forked supervisors and tasks, where every
-# object built costs page copies, and each cgroup file is written with one os.write.
-# ruff: noqa: PTH102, PTH103, PTH106, PTH112, PTH118, PTH119, PTH120, PTH123, PTH208
 """Per-run resource limits (``limits:``) and least privilege (``run_as:``).
 
-The mechanics live here so that the supervisor only makes a few calls:
+The mechanics live here so that the supervisor only makes a few calls; the
+cgroup files themselves (finding the hierarchy at daemon start, sweeping
+stale groups, a group's limit, events and removal) are
+:mod:`scheduler.cgroups`' job, which this module calls for one run:
 
-* daemon side, once: :func:`detect` finds the cgroup mechanism the runs can use
-  (cgroup v2 where its memory/pids controllers are available, else the v1
-  memory and pids hierarchies, else none: rlimits only), and :func:`sweep`
-  removes the empty groups a crashed daemon left behind;
 * supervisor, before forking the task: :func:`create` makes the run's group(s)
   (``<base>/<run_id>``) and writes their limits. The supervisor itself never
   joins them, so an OOM kill in the group can never hit it;
@@ -30,27 +26,16 @@ not be able to read the interpreter's own library directory).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
 import resource
 import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler import procs
-
-#: Where cgroup v2 / v1 hierarchies are looked for (overridable for tests).
-PROC_SELF = "/proc/self"
-#: Name of the directory under the daemon's own cgroup that holds the per-run groups.
-GROUP_DIR = "schedd"
-#: How long :func:`finish` retries removing a group its last process has just left.
-RMDIR_TRIES = 50
-RMDIR_PAUSE = 0.005
-
+from scheduler import cgroups, procs
 
 # -- records ----------------------------------------------------------------------
 
@@ -126,207 +111,7 @@ def format_cpu(seconds: float) -> str:
     return format_duration(seconds)
 
 
-# -- cgroups: detection (daemon side) -----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Cgroups:
-    """Where per-run groups go: one base per controller (v2: the same directory)."""
-
-    kind: str  # "v2" | "v1"
-    memory: str | None
-    pids: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "memory": self.memory, "pids": self.pids}
-
-    def bases(self) -> list[str]:
-        return list(dict.fromkeys(b for b in (self.memory, self.pids) if b))
-
-    def describe(self) -> str:
-        if self.kind == "v2":
-            return f"cgroup v2 at {self.memory or self.pids}"
-        parts = [f"{c} at {b}" for c, b in (("memory", self.memory), ("pids", self.pids)) if b]
-        return "cgroup v1 (" + ", ".join(parts) + ")"
-
-
-def _mounts(proc: str) -> list[tuple[str, str, str, set[str]]]:
-    """(fstype, mount root, mount point, super options) of every cgroup mount."""
-    found = []
-    with open(f"{proc}/mountinfo") as f:
-        for line in f:
-            head, _, tail = line.partition(" - ")
-            fields, rest = head.split(), tail.split()
-            if len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
-                opts = set(rest[2].split(","))
-                found.append((rest[0], _unescape(fields[3]), _unescape(fields[4]), opts))
-    return found
-
-
-def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-
-
-def _own_groups(proc: str) -> dict[str, str]:
-    """Controller (``""`` for the v2 hierarchy) -> this process's cgroup path."""
-    own: dict[str, str] = {}
-    with open(f"{proc}/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for c in controllers.split(",") if controllers else [""]:
-                own[c] = path
-    return own
-
-
-def _join(mount: str, root: str, path: str) -> str:
-    if root != "/" and (path == root or path.startswith(root + "/")):
-        path = path[len(root) :]
-    return os.path.normpath(mount + "/" + path.lstrip("/"))
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def detect(proc: str = PROC_SELF) -> tuple[Cgroups | None, str]:
-    """The cgroup mechanism runs can use, and a sentence for the daemon log.
-
-    cgroup v2 is used when the daemon's own v2 group offers the ``memory`` or
-    ``pids`` controller and they can be enabled for a ``schedd`` subgroup; a
-    v2 group that holds processes cannot delegate controllers ("no internal
-    processes"), so the daemon then moves itself into a ``schedd.daemon``
-    leaf next to it first (what systemd's ``Delegate=yes`` expects). Else
-    the v1 ``memory`` and ``pids`` hierarchies under the daemon's own groups.
-    Creates the ``schedd`` directories; needs write access (root, or a
-    delegated subtree).
-    """
-    try:
-        mounts, own = _mounts(proc), _own_groups(proc)
-    except OSError as exc:
-        return None, f"no cgroups ({exc.strerror}); limits use rlimits only"
-    why: list[str] = []
-    v2 = next((m for m in mounts if m[0] == "cgroup2"), None)
-    if v2 is not None and "" in own:
-        found = _setup_v2(_join(v2[2], v2[1], own[""]), why)
-        if found is not None:
-            return found, f"limits use {found.describe()} and rlimits"
-    bases: dict[str, str | None] = {"memory": None, "pids": None}
-    for controller in bases:
-        mount = next((m for m in mounts if m[0] == "cgroup" and controller in m[3]), None)
-        if mount is None or controller not in own:
-            continue
-        base = os.path.join(_join(mount[2], mount[1], own[controller]), GROUP_DIR)
-        try:
-            os.makedirs(base, exist_ok=True)
-            if not os.access(base, os.W_OK):
-                raise PermissionError(errno.EACCES, "not writable")
-            bases[controller] = base
-        except OSError as exc:
-            why.append(f"v1 {controller}: {base}: {exc.strerror or exc}")
-    if bases["memory"] or bases["pids"]:
-        found = Cgroups("v1", bases["memory"], bases["pids"])
-        return found, f"limits use {found.describe()} and rlimits"
-    detail = "; ".join(why) or "no cgroup v2 controllers and no v1 memory/pids hierarchy"
-    return None, f"no usable cgroup ({detail}); limits use rlimits only"
-
-
-def _setup_v2(own: str, why: list[str]) -> Cgroups | None:
-    try:
-        available = set(_read(os.path.join(own, "cgroup.controllers")).split())
-    except OSError as exc:
-        why.append(f"v2: {own}: {exc.strerror}")
-        return None
-    wanted = sorted({"memory", "pids"} & available)
-    if not wanted:
-        why.append(f"v2: {own} offers neither the memory nor the pids controller")
-        return None
-    enable = " ".join(f"+{c}" for c in wanted)
-    base = os.path.join(own, GROUP_DIR)
-    try:
-        _enable(own, enable)
-        os.makedirs(base, exist_ok=True)
-        _write(os.path.join(base, "cgroup.subtree_control"), enable)
-    except OSError as exc:
-        why.append(f"v2: {own}: cannot delegate {', '.join(wanted)}: {exc.strerror or exc}")
-        return None
-    memory = base if "memory" in wanted else None
-    return Cgroups("v2", memory, base if "pids" in wanted else None)
-
-
-def _enable(own: str, enable: str) -> None:
-    """Enable controllers for ``own``'s children; move out of ``own`` first if it must."""
-    control = os.path.join(own, "cgroup.subtree_control")
-    if set(enable.replace("+", "").split()) <= set(_read(control).split()):
-        return
-    try:
-        _write(control, enable)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        leaf = os.path.join(own, "schedd.daemon")
-        os.makedirs(leaf, exist_ok=True)
-        _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
-        _write(control, enable)
-
-
-def sweep(cgroups: Cgroups) -> int:
-    """Remove every empty per-run group (a crashed daemon's); return how many.
-
-    A group that still holds a process is left alone (another daemon's live
-    run, say); a live run whose fresh group is removed before its task joined
-    recreates it (see :func:`enter`).
-    """
-    removed = 0
-    for base in cgroups.bases():
-        with contextlib.suppress(OSError):
-            for name in os.listdir(base):
-                group = os.path.join(base, name)
-                if not os.path.isdir(group):
-                    continue
-                try:
-                    if _read(os.path.join(group, "cgroup.procs")).strip():
-                        continue
-                    os.rmdir(group)
-                    removed += 1
-                except OSError:
-                    continue
-    return removed
-
-
-# -- cgroups: one run (supervisor and task) -------------------------------------------
-
-
-def needs_cgroup(limits: Mapping[str, Any] | None) -> bool:
-    return bool(limits) and ("memory" in limits or "processes" in limits)  # type: ignore[operator]
-
-
-def _make(kind: str, controller: str, base: str, run_id: str, limits: Mapping[str, Any]) -> str:
-    """Create one run's group under ``base`` and write its limit; return its path."""
-    group = os.path.join(base, run_id)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(group)
-    if controller == "memory":
-        size = str(limits["memory"])
-        if kind == "v2":
-            _write(os.path.join(group, "memory.max"), size)
-            with contextlib.suppress(OSError):  # no swap accounting: nothing to close
-                _write(os.path.join(group, "memory.swap.max"), "0")
-        else:
-            _write(os.path.join(group, "memory.limit_in_bytes"), size)
-            with contextlib.suppress(OSError):  # memsw exists only with swap accounting
-                _write(os.path.join(group, "memory.memsw.limit_in_bytes"), size)
-    else:
-        _write(os.path.join(group, "pids.max"), str(limits["processes"]))
-    return group
+# -- one run: its groups, rlimits and identity (supervisor and task) -------------------
 
 
 def create(req: Mapping[str, Any], event: Callable[[str], None]) -> dict[str, str]:
@@ -340,7 +125,9 @@ def create(req: Mapping[str, Any], event: Callable[[str], None]) -> dict[str, st
         base = cg.get(controller)
         if base and key in limits:
             try:
-                groups[controller] = _make(cg["kind"], controller, base, req["run_id"], limits)
+                groups[controller] = cgroups.make_group(
+                    cg["kind"], controller, base, req["run_id"], limits
+                )
             except OSError as exc:
                 event(f"cgroup {controller} limit not set ({exc}); rlimits only")
     as_root = os.geteuid() == 0 and not req.get("run_as")  # RLIMIT_NPROC does not bind root
@@ -359,15 +146,8 @@ def enter(req: Mapping[str, Any], groups: Mapping[str, str], supervisor: int) ->
     never run without them.
     """
     limits = req.get("limits")
-    me = str(os.getpid())
-    for controller, group in groups.items():
-        try:
-            _write(os.path.join(group, "cgroup.procs"), me)
-        except FileNotFoundError:  # swept by a daemon starting just now: make it again
-            cg = req["cgroups"]
-            base = os.path.dirname(group)
-            _make(cg["kind"], controller, base, os.path.basename(group), limits or {})
-            _write(os.path.join(group, "cgroup.procs"), me)
+    for controller, group in groups.items():  # remade if a daemon starting just now swept it
+        cgroups.join_group(controller, group, req["cgroups"]["kind"], limits or {})
     if limits:
         set_rlimits(limits, pids_cgroup="pids" in groups)
     run_as = req.get("run_as")
@@ -464,31 +244,6 @@ def process_reason(limits: Mapping[str, Any]) -> str:
     return f"process limit {limits['processes']} reached"
 
 
-def _counter(path: str, key: str) -> int:
-    try:
-        for line in _read(path).splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _events(kind: str, groups: Mapping[str, str]) -> tuple[int, int]:
-    """(OOM kills, refused forks) recorded in the run's groups."""
-    oom = forks = 0
-    if "memory" in groups:
-        mem = groups["memory"]
-        if kind == "v2":
-            oom = _counter(os.path.join(mem, "memory.events"), "oom_kill")
-        else:
-            oom = _counter(os.path.join(mem, "memory.oom_control"), "oom_kill")
-    if "pids" in groups:
-        forks = _counter(os.path.join(groups["pids"], "pids.events"), "max")
-    return oom, forks
-
-
 def finish(req: Mapping[str, Any], groups: Mapping[str, str], result: dict[str, Any]) -> None:
     """After the run (supervisor): name the limit that ended it, remove its groups.
 
@@ -500,9 +255,9 @@ def finish(req: Mapping[str, Any], groups: Mapping[str, str], result: dict[str, 
     """
     limits = req.get("limits") or {}
     kind = (req.get("cgroups") or {}).get("kind", "")
-    oom, forks = _events(kind, groups) if groups else (0, 0)
+    oom, forks = cgroups.group_events(kind, groups) if groups else (0, 0)
     for group in dict.fromkeys(groups.values()):
-        _remove(group)
+        cgroups.remove_group(group)
     told = result.pop("limit", None)  # what the task's exception showed
     status = result.get("status")
     if status in ("success", "timeout") or (status == "killed" and _ended_by_schedd(result)):
@@ -527,17 +282,3 @@ def _used_cpu(limits: Mapping[str, Any]) -> bool:
     """The run's reaped processes used at least the CPU limit (a SIGKILL at the hard limit)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return bool(usage.ru_utime + usage.ru_stime >= max(1, math.ceil(limits["cpu"])))
-
-
-def _remove(group: str) -> None:
-    """rmdir a group its last process has just left (the kernel may lag a moment)."""
-    for _ in range(RMDIR_TRIES):
-        try:
-            os.rmdir(group)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                return
-        time.sleep(RMDIR_PAUSE)

@@ -196,7 +196,7 @@ class Daemon:
     @staticmethod
     def _sweep_cgroups(cgroups: Any) -> None:
         """Remove the empty per-run cgroups a crashed daemon left behind."""
-        from scheduler.confine import sweep
+        from scheduler.cgroups import sweep
 
         if cgroups is not None and (n := sweep(cgroups)):
             logger.info(f"removed {n} stale run cgroup(s) left by an earlier daemon")

@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from scheduler import confine
+from scheduler.cgroups import Cgroups, needs_cgroup
+from scheduler.cgroups import detect as detect_cgroups
 from scheduler.child import ctx_to_json
 from scheduler.launcher import default_env, pack, spawn
 from scheduler.runio import (
@@ -160,7 +162,7 @@ class Runner:
         on_event: OnEvent = _no_event,
         preload: Sequence[str] = (),
         launcher_env: Mapping[str, str] | None = None,
-        cgroups: confine.Cgroups | str | None = "auto",
+        cgroups: Cgroups | str | None = "auto",
     ) -> None:
         self._preload = list(preload)
         self._cgroups = cgroups
@@ -191,7 +193,7 @@ class Runner:
                 raise RuntimeError(f"schedd launcher failed to start (exit {launcher.proc.poll()})")
 
     @property
-    def cgroups(self) -> confine.Cgroups | None:
+    def cgroups(self) -> Cgroups | None:
         if isinstance(self._cgroups, str):
             self._cgroups = cgroups_in_use()[0]
         return self._cgroups
@@ -202,7 +204,7 @@ class Runner:
         extra: dict[str, Any] = {}
         if req.limits is not None:
             extra["limits"] = limits = req.limits.to_json()
-            cg = self.cgroups if confine.needs_cgroup(limits) else None
+            cg = self.cgroups if needs_cgroup(limits) else None
             if cg is not None:
                 extra["cgroups"] = cg.to_json()
         if req.run_as is not None:
@@ -329,12 +331,12 @@ class Runner:
             self._control({"op": "cancel", "run_id": handle.run_id}, io.launcher)
 
 
-_detected: tuple[confine.Cgroups | None, str] | None = None
+_detected: tuple[Cgroups | None, str] | None = None
 
 
-def cgroups_in_use() -> tuple[confine.Cgroups | None, str]:
+def cgroups_in_use() -> tuple[Cgroups | None, str]:
     """The cgroup mechanism of this process's runs, detected once, and a sentence saying so."""
     global _detected
     if _detected is None:
-        _detected = confine.detect()
+        _detected = detect_cgroups()
     return _detected

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from scheduler import confine
+from scheduler import cgroups, confine
 from scheduler.config import load_config
 from scheduler.confine import Limits
 from scheduler.errors import ConfigError
@@ -373,8 +373,8 @@ def test_detect_prefers_cgroup_v2_with_controllers(tmp_path: Path) -> None:
         [f"/ {fs} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate"],
         ["0::/system.slice/schedd.service"],
     )
-    found, how = confine.detect(proc)
-    assert found == confine.Cgroups("v2", str(own / "schedd"), str(own / "schedd"))
+    found, how = cgroups.detect(proc)
+    assert found == cgroups.Cgroups("v2", str(own / "schedd"), str(own / "schedd"))
     assert how == f"limits use cgroup v2 at {own / 'schedd'} and rlimits"
     assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
     assert (own / "schedd" / "cgroup.subtree_control").read_text() == "+memory +pids"
@@ -394,15 +394,15 @@ def test_detect_falls_back_to_v1_memory_and_pids(tmp_path: Path) -> None:
         ],
         ["9:pids:/", "4:memory:/api/abc", "1:cpu:/", "0::/"],
     )
-    found, how = confine.detect(proc)
-    assert found == confine.Cgroups("v1", f"{fs}/memory/api/abc/schedd", f"{fs}/pids/schedd")
+    found, how = cgroups.detect(proc)
+    assert found == cgroups.Cgroups("v1", f"{fs}/memory/api/abc/schedd", f"{fs}/pids/schedd")
     assert how.startswith("limits use cgroup v1 (memory at ")
     assert Path(f"{fs}/memory/api/abc/schedd").is_dir()
 
 
 def test_detect_without_cgroups_says_rlimits_only(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, [f"/ {tmp_path} rw - ext4 /dev/sda1 rw"], ["0::/"])
-    found, how = confine.detect(proc)
+    found, how = cgroups.detect(proc)
     assert found is None
     assert how.endswith("limits use rlimits only")
 
