@@ -31,7 +31,8 @@ from scheduler.control import ControlClient
 from tests import hostile_mix as mix
 from tests.helpers import ROOT, Daemon, alive, schedd, wait_for
 
-pytestmark = pytest.mark.slow
+# The module-scoped daemon's set-up counts against the first test's timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 #: Far below anything that would count as missed, far above normal lateness.
 LATE_BOUND_MS = 1000.0
