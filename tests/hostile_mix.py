@@ -46,7 +46,18 @@ class Scenario:
     exit_code: int | None = None
     signal: str | None = None
     error: str | None = None
+    reason: str = "manual trigger"  # the tests trigger each scenario by hand
     log: str | None = None  # a line its job log must hold
+
+    def expected(self) -> dict[str, Any]:
+        """The ledger columns its run must end with."""
+        return {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "error": self.error,
+            "reason": self.reason,
+        }
 
 
 #: Timeouts are short (the suite must be quick) and grace is 0.5 s (see :func:`write_config`).
@@ -76,8 +87,12 @@ SCENARIOS: dict[str, Scenario] = {
         log="flood done: 100 MiB",
     ),
     "no-newline": Scenario("hostile-no-newline", status="timeout", signal="SIGTERM"),
-    "segfault": Scenario("hostile-segfault", status="killed", signal="SIGSEGV"),
-    "abort": Scenario("hostile-abort", status="killed", signal="SIGABRT"),
+    "segfault": Scenario(
+        "hostile-segfault", status="killed", signal="SIGSEGV", reason="task died by SIGSEGV"
+    ),
+    "abort": Scenario(
+        "hostile-abort", status="killed", signal="SIGABRT", reason="task died by SIGABRT"
+    ),
     "exit": Scenario("hostile-exit", status="failed", exit_code=3),
     "spin": Scenario("hostile-spin", status="timeout", signal="SIGTERM"),
     "close-stdout": Scenario(
@@ -261,24 +276,42 @@ def ledger_rows(state: Path, job: str | None = None, limit: int = 100_000) -> li
         return ledger.history(job, limit=limit)
 
 
-def probe_lateness(state: Path) -> list[tuple[str, float, float]]:
-    """(job, slot as Unix time, lateness in ms) of every probe run, from the job logs."""
+@dataclass(frozen=True)
+class ProbeRun:
+    """One probe run from its job log: when it was due, launched and ran."""
+
+    job: str
+    slot: float  # Unix time
+    late_ms: float  # task code ran this long after the slot
+    launched_ms: float  # the daemon launched it this long after the slot (< 0: ahead, as usual)
+
+
+def probe_runs(state: Path) -> list[ProbeRun]:
+    """Every probe run with a slot, from the job logs, oldest first.
+
+    The launch time is that of the ``started:`` line the daemon writes as it
+    hands the run to the launcher (ms resolution), so a late run can be told
+    apart: launched late (the daemon stalled) or launched in time and its
+    process got the CPU late.
+    """
     out = []
     for job in PROBES:
         log = state / "logs" / f"{job}.log"
         if not log.exists():
             continue
-        slots: dict[str, float] = {}
+        slots: dict[str, tuple[float, float]] = {}
         for line in log.read_text(errors="replace").splitlines():
             m = _SLOT_RE.match(line)
             if m:
-                slots[m.group(1)] = datetime.fromisoformat(m.group(2)).timestamp()
+                launched = datetime.fromisoformat(" ".join(line.split()[:2])).timestamp()
+                slots[m.group(1)] = (datetime.fromisoformat(m.group(2)).timestamp(), launched)
                 continue
             m = _RAN_RE.match(line)
             if m and m.group(1) in slots:
-                slot = slots[m.group(1)]
-                out.append((job, slot, (float(m.group(2)) - slot) * 1000))
-    return sorted(out, key=lambda x: x[1])
+                slot, launched = slots[m.group(1)]
+                ran = float(m.group(2))
+                out.append(ProbeRun(job, slot, (ran - slot) * 1000, (launched - slot) * 1000))
+    return sorted(out, key=lambda r: r.slot)
 
 
 def pct(values: list[float], q: float) -> float:

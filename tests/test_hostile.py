@@ -90,7 +90,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
     m = Mix(d, d.proc.pid, evidence, d.state, limits)
     try:
         # The probes are up and running before anything hostile starts.
-        wait_for(lambda: len(mix.probe_lateness(m.state)) >= 2, 20, "the first probe runs")
+        wait_for(lambda: len(mix.probe_runs(m.state)) >= 2, 20, "the first probe runs")
         stop = threading.Event()
         poller = threading.Thread(target=_poll_status, args=(m, stop), daemon=True)
         poller.start()
@@ -133,9 +133,8 @@ def test_scenario_outcome_and_nothing_survives(hostile: Mix, name: str) -> None:
     sc = mix.SCENARIOS[name]
     row = hostile.rows.get(name)
     assert row is not None, f"{name}: no final ledger row (daemon log:\n{hostile.daemon.output()})"
-    got = {k: row[k] for k in ("status", "exit_code", "signal", "error")}
-    want = {"status": sc.status, "exit_code": sc.exit_code, "signal": sc.signal, "error": sc.error}
-    assert got == want, row
+    want = sc.expected()
+    assert {k: row[k] for k in want} == want, row
     assert hostile.survivors[name] == [], f"alive when {name} was recorded {row['status']}"
     assert mix.survivors(row["run_id"]) == []
     if sc.log is not None:
@@ -201,7 +200,7 @@ def test_hooks_that_raise_or_hang_are_contained(hostile: Mix) -> None:
 
 def test_probes_fired_every_slot_in_time(hostile: Mix) -> None:
     t0, t1 = hostile.window
-    late = [(job, slot, ms) for job, slot, ms in mix.probe_lateness(hostile.state) if t0 <= slot]
+    late = [r for r in mix.probe_runs(hostile.state) if t0 <= r.slot]
     for job in mix.PROBES:
         rows = [
             r
@@ -213,9 +212,9 @@ def test_probes_fired_every_slot_in_time(hostile: Mix) -> None:
         assert len(slots) >= int(t1 - t0) - 3, (job, slots)
         assert [b - a for a, b in itertools.pairwise(slots)] == [1.0] * (len(slots) - 1)
         assert {r["status"] for r in rows} == {"success"}, rows
-        ran = {slot for j, slot, _ in late if j == job}
+        ran = {r.slot for r in late if r.job == job}
         assert set(slots) <= ran, "a probe slot has no task start in its job log"
-    slow = [(job, slot, round(ms)) for job, slot, ms in late if ms > LATE_BOUND_MS or ms < 0]
+    slow = [r for r in late if r.late_ms > LATE_BOUND_MS or r.late_ms < 0]
     assert slow == [], "probe runs late (or early) during the hostile run"
 
 
@@ -283,7 +282,9 @@ def test_many_runs_leave_no_zombie_and_no_growth(hostile: Mix) -> None:
     from scheduler.recovery import run_processes
 
     assert run_processes(ids) == {}
-    assert (after["fds"], after["threads"]) == (before["fds"], before["threads"]), (before, after)
+    # No growth (idle job-log sinks close after a minute, so fewer is fine).
+    assert after["fds"] <= before["fds"], (before, after)
+    assert after["threads"] <= before["threads"], (before, after)
     assert after["rss_kb"] - before["rss_kb"] <= RSS_SLACK_KB, (before, after)
 
 
