@@ -67,7 +67,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "escape": Scenario(
         "hostile-escape",
-        {"timeout": "10s"},
+        {"timeout": "10s", "params": "{seconds: 300}"},
         status="success",
         exit_code=0,
         log="task exited, processes left behind",
@@ -208,6 +208,22 @@ def survivors(run_id: str) -> list[str]:
         if ESCAPEE_MARKER in argv and marker in argv and not zombie(int(entry.name)):
             found.append(f"pid {entry.name} (escapee argv)")
     return sorted(set(found))
+
+
+def kill_leftovers(run_ids: Iterable[str]) -> list[str]:
+    """SIGKILL whatever of these runs is still alive (clean-up after a failed check)."""
+    import contextlib
+    import os
+    import signal
+
+    found = []
+    for run_id in run_ids:
+        for what in survivors(run_id):
+            pid = int(what.split()[1])
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            found.append(what)
+    return found
 
 
 def stat_fields(pid: int) -> list[str]:

@@ -103,10 +103,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
         deadline = time.monotonic() + 100
         while time.monotonic() < deadline:
             for row in mix.ledger_rows(m.state):
-                name = by_id.get(row["run_id"])
-                if name is not None and name not in m.rows and row["status"] != "running":
-                    m.survivors[name] = mix.survivors(row["run_id"])  # at once, before anything
-                    m.rows[name] = row
+                which = by_id.get(row["run_id"])
+                if which is not None and which not in m.rows and row["status"] != "running":
+                    m.survivors[which] = mix.survivors(row["run_id"])  # at once, before anything
+                    m.rows[which] = row
             if not cli_done and time.time() - t0 > 2:  # mid-storm: the real CLI answers too
                 cli = subprocess.run(
                     schedd("status", "--state-dir", str(m.state), "--json"),
@@ -126,6 +126,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
         yield m
     finally:
         d.stop()
+        # Only if a check above failed is anything left: never let it outlive the tests.
+        mix.kill_leftovers(r["run_id"] for r in mix.ledger_rows(m.state))
 
 
 @pytest.mark.parametrize("name", [n for n in mix.SCENARIOS if n != "memory-hog"])
