@@ -282,7 +282,9 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         "",
         f"Unexpected outcomes: {len(res['unexpected'])}; runs with a process alive afterwards: "
         f"{len(res['survivors'])}; probe runs not `success`: {dict(res['probe_not_success'])}; "
-        f"`limits` supported: {res['limits']}.\n",
+        f"`limits` supported: {res['limits']}. Daemon RSS {res['start']['rss_kb'] / 1024:.1f} MB "
+        f"before, peak {res['after_hostile'].get('peak_rss_kb', 0) / 1024:.1f} MB by the end of "
+        "the hostile window (100 MB floods and endless lines included).\n",
         f"Daemon resources around {res['runs']:,} quick hostile runs "
         f"(after {res['warm_up']} warm-up runs; they took {res['runs_s']:.1f} s, "
         f"{res['runs'] / res['runs_s']:.0f} runs/s, triggered one by one over the control "

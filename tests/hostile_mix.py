@@ -266,15 +266,17 @@ def zombies_under(pid: int) -> list[int]:
 
 
 def resources(pid: int) -> dict[str, int]:
-    """The daemon's open fds, threads and resident memory (KiB)."""
-    rss = 0
+    """The daemon's open fds, threads, resident memory and its peak so far (KiB)."""
+    mem = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            mem[key] = int(value.split()[0])
     return {
         "fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
         "threads": len(list(Path(f"/proc/{pid}/task").iterdir())),
-        "rss_kb": rss,
+        "rss_kb": mem.get("VmRSS", 0),
+        "peak_rss_kb": mem.get("VmHWM", 0),
     }
 
 

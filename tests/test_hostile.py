@@ -39,6 +39,8 @@ LATE_BOUND_MS = 1000.0
 #: Runs after warm-up in the leak check, and the warm-up.
 MANY = 1000
 WARM_UP = 100
+#: Peak growth allowed in the daemon's resident memory while the floods run (100 MB of output).
+FLOOD_RSS_SLACK_MB = 25
 #: Growth allowed in the daemon's resident memory over MANY runs.
 RSS_SLACK_KB = 10 * 1024
 
@@ -58,6 +60,8 @@ class Mix:
     cli_status: dict[str, Any] = field(default_factory=dict)
     window: tuple[float, float] = (0.0, 0.0)
     abandoned_at: float = 0.0
+    start: dict[str, int] = field(default_factory=dict)  # the daemon's resources, before
+    end: dict[str, int] = field(default_factory=dict)  # and after the hostile phase
 
 
 def _poll_status(m: Mix, stop: threading.Event) -> None:
@@ -91,6 +95,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
     try:
         # The probes are up and running before anything hostile starts.
         wait_for(lambda: len(mix.probe_runs(m.state)) >= 2, 20, "the first probe runs")
+        m.start = mix.resources(m.pid)
         stop = threading.Event()
         poller = threading.Thread(target=_poll_status, args=(m, stop), daemon=True)
         poller.start()
@@ -121,6 +126,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix]:
             time.sleep(0.1)
         time.sleep(2.5)  # a few more probe slots after the last hostile run ended
         m.window = (t0, time.time())
+        m.end = mix.resources(m.pid)
         stop.set()
         poller.join()
         yield m
@@ -179,6 +185,13 @@ def test_endless_line_is_cut_into_bounded_pieces(hostile: Mix) -> None:
     assert len(pieces) >= 2
     assert all(set(p) == {"n"} and len(p) <= 64 * 1024 for p in pieces)
     assert max(len(p) for p in pieces) == 64 * 1024
+
+
+def test_floods_pass_through_without_piling_up_in_the_daemon(hostile: Mix) -> None:
+    """100 MB of output and an endless line went to the job logs, not into the daemon's memory."""
+    growth_mb = (hostile.end["peak_rss_kb"] - hostile.start["rss_kb"]) / 1024
+    print(f"daemon RSS {hostile.start['rss_kb'] / 1024:.1f} MB, peak {growth_mb:+.1f} MB")
+    assert growth_mb < FLOOD_RSS_SLACK_MB
 
 
 def test_slow_import_happened_only_in_its_run(hostile: Mix) -> None:
