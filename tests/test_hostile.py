@@ -168,9 +168,12 @@ def test_memory_hog_is_ended_by_its_limit(hostile: Mix) -> None:
 def test_escapee_really_escaped_and_was_ended(hostile: Mix) -> None:
     """The grandchild left the run's session and environment; only its argv named the run."""
     run_id = hostile.run_ids["escape"]
-    pid = int((hostile.evidence / f"escapee-{run_id}.pid").read_text())
-    assert f"escapee {pid} is up" in hostile.daemon.job_log("escape")
-    if alive(pid):  # only if its pid was reused since: then by another program
+    pid, sid, has_run_id = (hostile.evidence / f"escapee-{run_id}.pid").read_text().split()
+    assert has_run_id == "0"  # nothing in its environment says which run it belongs to
+    said = f"escapee {pid} is up, in session {sid}; the task's is "
+    line = next(ln for ln in hostile.daemon.job_log("escape").splitlines() if said in ln)
+    assert line.rsplit(" ", 1)[1] != sid  # it left the run's session
+    if alive(int(pid)):  # only if its pid was reused since: then by another program
         assert mix.ESCAPEE_MARKER not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert "grace 0.5s expired: sent SIGKILL to 1 process" in hostile.daemon.job_log("escape")
 
