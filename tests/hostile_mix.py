@@ -95,6 +95,12 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "exit": Scenario("hostile-exit", status="failed", exit_code=3),
     "spin": Scenario("hostile-spin", status="timeout", signal="SIGTERM"),
+    "kill-supervisor": Scenario(
+        "hostile-kill-supervisor",
+        status="killed",
+        reason="the run's supervisor ended without reporting a result",
+        log="run lost: the run's supervisor ended without reporting a result",
+    ),
     "close-stdout": Scenario(
         "hostile-close-stdout", exit_code=0, log="stderr: still working after closing stdout"
     ),
