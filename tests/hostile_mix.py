@@ -101,6 +101,13 @@ SCENARIOS: dict[str, Scenario] = {
         reason="the run's supervisor ended without reporting a result",
         log="run lost: the run's supervisor ended without reporting a result",
     ),
+    "stop-supervisor": Scenario(
+        "hostile-stop-supervisor",
+        {"params": "{seconds: 30}"},
+        status="timeout",
+        signal="SIGTERM",
+        log="timeout after 1.5s",
+    ),
     "close-stdout": Scenario(
         "hostile-close-stdout", exit_code=0, log="stderr: still working after closing stdout"
     ),
