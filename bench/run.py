@@ -100,6 +100,12 @@ class Profile:
     load_during_idle: bool = False
     #: One untimed round of the CLI commands first (page cache, .pyc files).
     cli_warmup: bool = True
+    #: The hostile-plugin soak (bench/hostile_bench.py): quiet baseline and hostile-mix
+    #: seconds, then warm-up runs and the runs the daemon's fds/threads/RSS are compared over.
+    hostile_quiet: float = 20.0
+    hostile_seconds: float = 60.0
+    hostile_warm_up: int = 200
+    hostile_runs: int = 5000
 
 
 FULL = Profile(
@@ -154,6 +160,10 @@ QUICK = Profile(
     crash_wait=(0.1, 0.4),
     load_during_idle=True,
     cli_warmup=False,
+    hostile_quiet=3.0,
+    hostile_seconds=6.0,
+    hostile_warm_up=20,
+    hostile_runs=200,
 )
 
 #: Seconds, not minutes: for a smoke test of the harness; the numbers mean nothing.
@@ -181,6 +191,10 @@ TINY = Profile(
     crash_iterations=1,
     crash_wait=(0.1, 0.2),
     cli_size=10,
+    hostile_quiet=1.0,
+    hostile_seconds=2.0,
+    hostile_warm_up=5,
+    hostile_runs=20,
 )
 
 PROFILES = {p.name: p for p in (FULL, QUICK, TINY)}
@@ -316,8 +330,16 @@ def aps_reference(phases: list[list[Any]], seconds: float, interval: float) -> l
     )
 
 
+def hostile_soak(quiet: float, seconds: float, warm_up: int, runs: int) -> dict[str, Any]:
+    from bench import hostile_bench
+
+    with tempfile.TemporaryDirectory(prefix="schedd-hostile-") as tmp:
+        return hostile_bench.run(Path(tmp), quiet, seconds, warm_up, runs)
+
+
 CALLS: dict[str, Callable[..., Any]] = {
     "load_config": load_config_times,
+    "hostile": hostile_soak,
     "crash": crash_audit,
     "ledger": ledger_rates,
     "peers": peers_rates,
@@ -635,6 +657,17 @@ def section_crash(p: Profile) -> dict[str, Any]:
     return isolated("crash", iterations=p.crash_iterations, wait=list(p.crash_wait))
 
 
+def section_hostile(p: Profile) -> dict[str, Any]:
+    result: dict[str, Any] = isolated(
+        "hostile",
+        quiet=p.hostile_quiet,
+        seconds=p.hostile_seconds,
+        warm_up=p.hostile_warm_up,
+        runs=p.hostile_runs,
+    )
+    return result
+
+
 # ---- the report -------------------------------------------------------------------------
 def f0(x: float) -> str:
     return "-" if x != x else f"{x:,.0f}"
@@ -734,6 +767,20 @@ def targets(data: dict[str, Any], p: Profile) -> list[tuple[str, str, str]]:
         )
     else:
         rows.append(("lateness at 10k jobs: p50 <= 5 ms, p99 <= 25 ms", "-", verdict(None)))
+    hostile = (data.get("hostile") or {}).get("hostile_ms")
+    if hostile:
+        d = dist(hostile)
+        for q, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
+            rows.append(
+                (
+                    f"lateness during the hostile-plugin mix: {q} <= {target:.0f} ms",
+                    f"{q} {f2(d[q])} ms (n={d['n']}; quiet baseline "
+                    f"{f2(dist(data['hostile']['quiet_ms'])[q])} ms)",
+                    verdict(d[q] <= target),
+                )
+            )
+    else:
+        rows.append(("lateness during the hostile-plugin mix", "-", verdict(None)))
     big = 100_000
     load = (data.get("load") or {}).get(str(big))
     per = ((data.get("daemon") or {}).get("sizes") or {}).get(str(big))
@@ -1007,6 +1054,15 @@ def write_report(out: Path, data: dict[str, Any], p: Profile) -> str:
     else:
         add(section_error(data, "crash"))
 
+    add("## 6. Hostile plugins (bench/hostile_bench.py)\n")
+    hostile = data.get("hostile")
+    if hostile:
+        from bench import hostile_bench
+
+        add("\n".join(hostile_bench.report_lines(hostile)) + "\n")
+    else:
+        add(section_error(data, "hostile"))
+
     add("## Run log\n")
     add("| section | seconds | 1-min load before | pytest processes before |")
     add("|---|---:|---:|---:|")
@@ -1273,6 +1329,7 @@ def run_all(
         section("load", lambda: section_load(profile, tmp, progress, done, data["errors"]))
         section("ledger", lambda: section_ledger(profile))
         section("crash", lambda: section_crash(profile))
+        section("hostile", lambda: section_hostile(profile))
     data["changed_during_run"] = changed_sources(mtimes)
     data["cli_summary"] = cli_summary(data)
     data["seconds"] = time.monotonic() - t_start

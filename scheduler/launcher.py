@@ -301,17 +301,26 @@ class Launcher:
         A supervisor that exits 0 has reaped its whole tree (it is a subreaper
         and leaves only once ``waitpid`` finds no child), so the usual run costs
         one ``waitpid`` here. One that was killed left its tree to us: those
-        processes were reparented to the launcher (a subreaper too).
+        processes were reparented to the launcher (a subreaper too). One that
+        was stopped (a task may SIGSTOP its parent: same uid) is continued at
+        once, or its run's timeout would never be enforced.
         """
         sweep = self.sweep_at is not None
         while True:
             try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
+                pid, st = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 self.sweep_at = None
                 return True
             if pid == 0:
                 break
+            if os.WIFSTOPPED(st):
+                try:  # noqa: SIM105  (the fork server does not import contextlib)
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+                sweep = sweep or pid not in self.sups  # a stopped stray: killed below
+                continue
             sup = self.sups.pop(pid, None)
             if sup is None or st != 0:
                 sweep = True  # an orphan, or a supervisor that died before its tree did

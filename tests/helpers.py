@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,11 @@ def alive(pid: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, config: str, *extra: str) -> None:
+    def __init__(
+        self, tmp: Path, config: str, *extra: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
+        self.env = None if env is None else dict(env)
         self.config = tmp / "schedd.yaml"
         self.config.write_text(textwrap.dedent(config))
         self.state = tmp / "state"
@@ -61,6 +64,7 @@ class Daemon:
             stdout=self.out.open("ab"),  # a file: a full pipe would block the daemon
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=self.env,
         )
         wait_for(
             lambda: (
