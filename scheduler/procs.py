@@ -51,13 +51,23 @@ def _prctl(option: int, arg: int) -> None:
     Plain ints, no ``argtypes``: measured in a fresh fork, ``argtypes``
     converters (or a ``c_ulong`` per call) write to ~10 more pages per call.
     libffi widens each int to a full register, which for these values is the
-    ``unsigned long`` the kernel reads.
+    ``unsigned long`` the kernel reads. Callers in a fresh fork call
+    ``_prctl_fn`` themselves (each Python call level costs page copies there).
     """
+    if _bound()(option, arg, 0, 0, 0) != 0:
+        _failed(option)
+
+
+def _bound() -> Any:
+    """The ``prctl`` function, bound now if :func:`warm` has not run."""
     if _prctl_fn is None:
         warm()
-    if _prctl_fn(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return _prctl_fn
+
+
+def _failed(option: int) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def set_child_subreaper() -> None:
@@ -73,9 +83,20 @@ def set_pdeathsig(sig: int) -> None:
     """Ask the kernel to send ``sig`` when the thread that forked us dies.
 
     Callers must re-check ``os.getppid()`` afterwards: a parent that died
-    before this call is not reported.
+    before this call is not reported. Called in every task process: one
+    Python call level, no more (see :func:`_prctl`).
     """
-    _prctl(PR_SET_PDEATHSIG, sig)
+    if (_prctl_fn or _bound())(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        _failed(PR_SET_PDEATHSIG)
+
+
+def become_subreaper(deathsig: int) -> None:
+    """:func:`set_child_subreaper` and :func:`set_pdeathsig` in one call, for a supervisor."""
+    fn = _prctl_fn or _bound()
+    if fn(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        _failed(PR_SET_CHILD_SUBREAPER)
+    if fn(PR_SET_PDEATHSIG, deathsig, 0, 0, 0) != 0:
+        _failed(PR_SET_PDEATHSIG)
 
 
 def signal_name(sig: int) -> str:

@@ -23,7 +23,7 @@ all its pipes with one ``close_range``.
 
 Status pipe to the daemon: newline-terminated JSON objects, each written with
 one ``os.write`` (shorter than ``PIPE_BUF``, so never interleaved):
-``{"ev":"started","pid":N,"t":wall}`` (from the task process, which then
+``{"ev":"started","pid":N,"ns":wall_ns}`` (from the task process, which then
 closes the pipe so that nothing it forks holds it), ``{"ev":"event","msg":...}``,
 and last ``{"ev":"result","status":...,"exit_code":...,"signal":...,
 "error":...,"pid":N,"ended":wall}``. End of file on it therefore means the
@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from scheduler import procs
-from scheduler.child import ctx_from_json, run_task
+from scheduler.child import ctx_from_json, preloaded_target, run_task
 
 #: What the supervisor waits for with ``sigtimedwait``; all blocked from the fork on.
 WAITED = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGHUP})
@@ -66,6 +66,9 @@ IDLE_WAIT = 3600.0
 WARM_UP_ROUNDS = 20
 #: What the task reports when it has nothing to say; compared, never parsed.
 DONE = b'{"ev":"done"}\n'
+#: The result line of a task that exited by itself with nothing to report.
+_PLAIN_RESULT = b'{"ev":"result","status":"%s","exit_code":%d,"pid":%d,"ended_ns":%d}\n'
+_STATUS = (b"failed", b"success")
 
 #: Highest fd + 1 to close in a new supervisor; looked up once, in the launcher.
 _MAXFD = os.sysconf("SC_OPEN_MAX")
@@ -107,37 +110,55 @@ def _plain(text: str) -> bool:
 def prepare(req: dict[str, Any]) -> None:
     """Parse a run request in the launcher, before forking: warm code there, no page copies.
 
-    The context becomes a :class:`~scheduler.types.RunContext` and the
-    environment a list of encoded ``(name, value)`` pairs, ready for ``putenv``.
+    The context becomes a :class:`~scheduler.types.RunContext`, the
+    environment a list of encoded ``(name, value)`` pairs, ready for ``putenv``,
+    and a target whose module the launcher has preloaded its function.
     Raises ``ValueError`` or ``TypeError`` for a malformed request.
     """
     req["ctx"] = ctx_from_json(req["ctx"])
     req["env"] = [(os.fsencode(k), os.fsencode(v)) for k, v in req["env"].items()]
+    req["func"] = preloaded_target(req["target"])
 
 
 def warm_up() -> None:
-    """Run the supervisor's and the task's code paths once in the launcher, before forking.
+    """Run the supervisor's and the task's code paths in the launcher, before forking.
 
     CPython 3.11 rewrites a function's bytecode in place the first times it runs
     (quickening, specialisation) and fills lazy caches; done here, every child
-    inherits the result instead of copying the pages to redo it (~50 pages a
-    run). Also clears the launcher's own environment: a task gets exactly its
-    run's, and nothing is left to unset in each one.
+    inherits the result instead of copying the pages to redo it. So the
+    supervisor's own loop runs here for real, on a no-op task it forks (the
+    launcher has no other child yet, and :data:`WAITED` is blocked meanwhile),
+    and the task's code runs here ``dry``. Also clears the launcher's own
+    environment: a task gets exactly its run's, and one without variables has
+    nothing to set.
     """
+    _set_environ([])
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_mask = procs.csignal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
     try:
-        ctx = ctx_from_json({"job_id": "warm-up", "run_id": "warm-up", "task": "warm-up"})
+        req: dict[str, Any] = {
+            "op": "run",
+            "run_id": "warm-up",
+            "target": f"{__name__}:_noop",
+            "ctx": {"job_id": "warm-up", "run_id": "warm-up", "task": "warm-up"},
+            "env": {},
+        }
+        prepare(req)
+        # A preloaded module that started a process would have it reaped (or waited for) here.
+        forks = not procs.children(os.getpid())
         for _ in range(WARM_UP_ROUNDS):
-            _set_environ([])
-            run_task(f"{__name__}:_noop", ctx)
-            sup = _Supervisor({"timeout": None}, w, os.getpid())
-            sup.task_status = 0
-            result = sup._result()
-            send(w, ev="started", pid=1, t=time.time())
-            send(w, ev="result", pid=1, ended=time.time(), **result)
-            os.write(w, DONE)
-            _read_report(r, result)
+            _task(req, w, w, 0, dry=True)
+            if forks:
+                _Supervisor(req, w, os.getppid()).main()
+            run_task(req["target"], req["ctx"])  # the path of a target the child imports
+            with contextlib.suppress(BlockingIOError):
+                while os.read(r, 65536):
+                    pass
+        sup = _Supervisor(req, w, os.getppid())
+        sup.task_status = 0
+        send(w, ev="result", pid=1, ended=time.time(), **sup._result())
     finally:
+        procs.csignal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(r)
         os.close(w)
 
@@ -165,13 +186,15 @@ def run(req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int
     """
     try:
         os.setsid()
-        procs.set_child_subreaper()
-        procs.set_pdeathsig(signal.SIGTERM)
+        procs.become_subreaper(signal.SIGTERM)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.closerange(3, status)
         os.closerange(status + 1, _MAXFD)
         _Supervisor(req, status, parent).main()
+        # Release every pipe in one call: the daemon sees the run end in one wakeup, and
+        # before this process's address space is torn down (exit closes fds last).
+        os.closerange(1, _MAXFD)
     except BaseException as exc:
         try:
             traceback.print_exc()
@@ -188,6 +211,23 @@ def run(req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int
 
 class _Supervisor:
     """One run's supervision state: the task, the deadline, how the run is being ended."""
+
+    __slots__ = (
+        "cancelled",
+        "grace",
+        "hurry",
+        "kill_at",
+        "killing",
+        "last_signal",
+        "not_before",
+        "parent",
+        "reason",
+        "req",
+        "status",
+        "task",
+        "task_status",
+        "timeout",
+    )
 
     def __init__(self, req: Mapping[str, Any], status: int, parent: int) -> None:
         self.req = req
@@ -217,9 +257,11 @@ class _Supervisor:
             os.setpgid(self.task, self.task)
         except OSError:
             pass  # already done by the child, or it has exited
-        # A run launched ahead of its slot waits for it; its timeout starts then.
-        ahead = max(0.0, (self.not_before or 0.0) - time.time())
-        deadline = None if self.timeout is None else time.monotonic() + ahead + self.timeout
+        deadline = None
+        if self.timeout is not None:
+            # A run launched ahead of its slot waits for it; its timeout starts then.
+            ahead = max(0.0, self.not_before - time.time()) if self.not_before else 0.0
+            deadline = time.monotonic() + ahead + self.timeout
         while not self._reap():
             now = time.monotonic()
             if self.reason is None:
@@ -242,14 +284,20 @@ class _Supervisor:
                     self.cancelled = True
                 elif info.si_signo == signal.SIGUSR1:
                     self.cancelled = self.hurry = True
-        result = self._result()
-        note = _read_report(report_r, result)
-        if note:
-            self._event(note)
-        send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
-        # Release every pipe in one call: the daemon sees the run end in one wakeup, and
-        # before this process's address space is torn down (exit closes fds last).
-        os.closerange(1, _MAXFD)
+        report = _read_all(report_r)
+        code = os.waitstatus_to_exitcode(self.task_status or 0)
+        if report == DONE and self.reason is None and code >= 0:
+            # The usual end, a task that exited by itself and had nothing to add: one
+            # preformatted line (the general path below costs ~40 page copies).
+            line = _PLAIN_RESULT % (_STATUS[code == 0], code, self.task, time.time_ns())
+            os.write(self.status, line)
+        else:
+            result = self._result()
+            note = _apply_report(report, result)
+            if note:
+                self._event(note)
+            send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
+        os.close(report_r)
 
     def _reap(self) -> bool:
         """Reap what has exited; True once the task is reaped and nothing else is left."""
@@ -304,8 +352,8 @@ class _Supervisor:
         return {"status": "success" if code == 0 else "failed", "exit_code": code}
 
 
-def _read_report(fd: int, result: dict[str, Any]) -> str | None:
-    """Apply what the (reaped) task reported; return its note, if any.
+def _read_all(fd: int) -> bytes:
+    """What the (reaped) task reported on its private pipe.
 
     The task's last act is one write, so this is one read and, the task
     being gone, end of file. A task that ``exec``'d closed its end on exec and
@@ -318,6 +366,11 @@ def _read_report(fd: int, result: dict[str, Any]) -> str | None:
             data += chunk
     except OSError:
         pass
+    return data
+
+
+def _apply_report(data: bytes, result: dict[str, Any]) -> str | None:
+    """Apply a task's report to ``result``; return its note, if any."""
     if data == DONE:
         return None
     note = None
@@ -333,28 +386,40 @@ def _read_report(fd: int, result: dict[str, Any]) -> str | None:
     return note
 
 
-def _task(req: Mapping[str, Any], status: int, report: int, supervisor: int) -> NoReturn:
+def _task(
+    req: Mapping[str, Any], status: int, report: int, supervisor: int, dry: bool = False
+) -> int:
     """The task process: own process group, exact environment, then run the target.
 
     Signal dispositions are already the defaults (see the module doc); only
-    the mask is cleared, after the parent-death signal is armed.
+    the mask is cleared, after the parent-death signal is armed. ``dry``
+    (:func:`warm_up`, in the launcher) skips what would change the calling
+    process and returns the exit status instead of exiting.
     """
     code = EXIT_SETUP
     error = note = None
     try:
-        os.setpgid(0, 0)
-        procs.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != supervisor:
-            os._exit(EXIT_SETUP)
-        procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
-        cwd = req.get("cwd")
-        if cwd:
-            os.chdir(cwd)
-        _set_environ(req["env"])
-        os.write(status, b'{"ev":"started","pid":%d,"t":%r}\n' % (os.getpid(), time.time()))
-        os.close(status)
+        if not dry:
+            os.setpgid(0, 0)
+            procs.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != supervisor:
+                os._exit(EXIT_SETUP)
+            procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
+            cwd = req.get("cwd")
+            if cwd:
+                os.chdir(cwd)
+        env = req["env"]
+        if env:  # else nothing to do: the launcher's environment is empty (warm_up)
+            _set_environ(env)
+        os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
+        if not dry:
+            os.close(status)
         outcome = run_task(
-            req["target"], req["ctx"], own_process=True, not_before=req.get("not_before")
+            req["target"],
+            req["ctx"],
+            own_process=not dry,
+            not_before=req.get("not_before"),
+            func=req.get("func"),
         )
         code, error, note = outcome.exit_code, outcome.error, outcome.note
     except BaseException as exc:
@@ -367,6 +432,8 @@ def _task(req: Mapping[str, Any], status: int, report: int, supervisor: int) -> 
         os.write(report, DONE if error is None and note is None else _done(error, note))
     except OSError:
         pass
+    if dry:
+        return code
     os._exit(code)
 
 
