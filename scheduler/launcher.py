@@ -29,10 +29,13 @@ the daemon):
   [...]}`` once after start-up. Everything about a run goes over its own
   status pipe instead, so a run's outcome never depends on this socket.
 
-Signals: SIGTERM, SIGHUP and SIGCHLD reach the loop through a wakeup pipe;
-around each ``fork`` they are blocked and set back to SIG_DFL, so the
-supervisor starts with exactly what it waits for blocked and the task with
-clean dispositions. SIGINT and SIGUSR1 stay blocked here.
+Signals: the launcher runs with SIGTERM, SIGHUP, SIGCHLD, SIGINT and SIGUSR1
+blocked and every disposition at its default, and takes pending ones with
+``sigtimedwait(..., 0)`` each time it wakes up (at least every :data:`TICK`
+seconds). So a supervisor starts with exactly what it waits for blocked and
+the task with clean dispositions, and a run costs no signal set-up around
+``fork``, no SIGCHLD wakeup and no page copies for either: a supervisor that
+exited is reaped at the next wakeup (the next request, or the tick).
 
 End of file on the socket, SIGTERM or SIGHUP means the daemon is gone (or
 closing): every supervisor gets SIGTERM and ends its run's tree with the run's
@@ -74,6 +77,10 @@ CLOSE_HURRY_AFTER = 2.0
 CLOSE_KILL_AFTER = 3.0
 #: After killing strays, when to look for more (one may have forked meanwhile).
 SWEEP_AGAIN = 0.02
+#: Longest sleep: how soon a SIGTERM or SIGHUP is seen and exited supervisors are reaped.
+TICK = 0.25
+#: Blocked for good in the launcher, and taken with ``sigtimedwait`` (see the module doc).
+LAUNCHER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD})
 
 
 _LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE")
@@ -141,10 +148,6 @@ def pack(msg: Mapping[str, Any]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    """Python-level handler so the C handler writes the signal number to the wakeup fd."""
-
-
 class Launcher:
     """The fork server's single-threaded event loop: control socket and signal wakeup pipe."""
 
@@ -161,22 +164,19 @@ class Launcher:
         self.hurry_at = self.kill_at = 0.0
         self.hurried = False
         self.poller = select.poll()
-        self.wake_r = self.wake_w = -1
+        self.held: list[object] | None = None  # see _receive
 
     def serve(self) -> int:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._handlers(on=True)
-        self.poller.register(self.wake_r, select.POLLIN)
         self.poller.register(self.sock.fileno(), select.POLLIN)
+        wait = procs.csignal.sigtimedwait
         while True:
-            for fd, _ in self.poller.poll(self._poll_ms()):
-                if fd == self.wake_r:
-                    data = os.read(self.wake_r, 512)
-                    self.reap = self.reap or signal.SIGCHLD in data
-                    if signal.SIGTERM in data or signal.SIGHUP in data:
-                        self._close()
+            if self.poller.poll(self._poll_ms()):
+                self._receive()
+            while (info := wait(LAUNCHER_SIGNALS, 0)) is not None:
+                if info.si_signo == signal.SIGCHLD:
+                    self.reap = True
                 else:
-                    self._receive()
+                    self._close()
             swept = self.sweep_at is not None and time.monotonic() >= self.sweep_at
             if self.reap or swept or self.closing:
                 self.reap = False
@@ -185,28 +185,13 @@ class Launcher:
             if self.closing:
                 self._escalate()
 
-    def _poll_ms(self) -> int | None:
-        """Block until an event, unless something must be looked at on a clock."""
+    def _poll_ms(self) -> int:
+        """Sleep until a request, or until something must be looked at on a clock."""
         if self.closing:
             return 20
         if self.sweep_at is not None:
-            return max(0, round((self.sweep_at - time.monotonic()) * 1000))
-        return None
-
-    def _handlers(self, *, on: bool) -> None:
-        """Install, or around ``fork`` set to SIG_DFL, the launcher's handlers and wakeup fd.
-
-        Swapping them out in the parent, with the signals blocked, costs a few
-        microseconds of warm code; resetting them in every supervisor and task
-        ran a cold interpreter path in each (~50 page copies per process). A
-        SIGTERM or SIGHUP that arrives meanwhile stays pending and reaches the
-        restored handler; a pending SIGCHLD is discarded by SIG_DFL, so
-        :meth:`fork_supervisor` reaps right after.
-        """
-        handler = _on_signal if on else procs.csignal.SIG_DFL
-        for sig in supervisor.LAUNCHER_HANDLED:
-            procs.csignal.signal(sig, handler)
-        signal.set_wakeup_fd(self.wake_w if on else -1, warn_on_full_buffer=False)
+            return min(round(TICK * 1000), max(0, round((self.sweep_at - time.monotonic()) * 1000)))
+        return round(TICK * 1000)
 
     def _receive(self) -> None:
         """Read what the daemon sent: frames, and the fds that came with them.
@@ -215,7 +200,12 @@ class Launcher:
         ``socket.recv_fds`` and ``json.loads``: every page this loop touches was
         write-protected by the last ``fork`` and costs a fault, so fewer Python
         frames per request is measurably cheaper.
+
+        What a batch allocated is released only when the next one arrives: freed
+        right after the ``fork``, each object would cost a page copy while the
+        supervisor still shares its page (~40 per run).
         """
+        self.held = None
         try:
             data, ancillary, flags, _ = self.sock.recvmsg(RECV_SIZE, _ANC_SIZE)
         except OSError:
@@ -233,6 +223,8 @@ class Launcher:
             return
         buf = self.buf
         buf += data
+        held: list[object] = [data, ancillary]
+        self.held = held
         while len(buf) >= 4:
             size = int.from_bytes(buf[:4], "big")
             if len(buf) < 4 + size:
@@ -240,6 +232,7 @@ class Launcher:
             msg = _decode(buf[4 : 4 + size].decode())
             del buf[: 4 + size]
             fds = [self.fds.popleft() for _ in range(min(msg.get("nfds", 0), len(self.fds)))]
+            held += (msg, fds)
             self._handle(msg, fds)
 
     def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
@@ -280,19 +273,13 @@ class Launcher:
         """Fork one run's supervisor; in the child this never returns.
 
         The child starts with :data:`~scheduler.supervisor.WAITED` blocked and
-        every disposition at its default, so it needs no signal set-up at all.
+        every disposition at its default, as the launcher runs, so it needs no
+        signal set-up at all. Whatever this process writes to memory from here
+        until the supervisor exits is copied page by page, hence so little.
         """
-        csig = procs.csignal
-        csig.pthread_sigmask(signal.SIG_BLOCK, supervisor.LAUNCHER_HANDLED)
-        self._handlers(on=False)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                supervisor.run(msg, out_w, err_w, status, self.pid)
-        finally:
-            self._handlers(on=True)
-            csig.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.LAUNCHER_HANDLED)
-            self.reap = True  # a SIGCHLD pending while its handler was SIG_DFL was dropped
+        pid = os.fork()
+        if pid == 0:
+            supervisor.run(msg, out_w, err_w, status, self.pid)
         return pid
 
     def _reap_all(self) -> bool:
@@ -305,9 +292,8 @@ class Launcher:
         """
         sweep = self.sweep_at is not None
         while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            pid, st = procs.wait_any()
+            if pid < 0:
                 self.sweep_at = None
                 return True
             if pid == 0:
@@ -375,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(null, std)
     if null > 2:
         os.close(null)
-    procs.csignal.pthread_sigmask(signal.SIG_SETMASK, supervisor.ALWAYS_BLOCKED)
+    procs.csignal.pthread_sigmask(signal.SIG_SETMASK, supervisor.ALWAYS_BLOCKED | LAUNCHER_SIGNALS)
     warnings = []
     for name in preload:
         try:
@@ -385,8 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         warnings.append("a preloaded module started a thread; forking it is unsafe")
-    # What every task inherits: default dispositions, Python's KeyboardInterrupt on SIGINT
-    # (SIGTERM, SIGHUP and SIGCHLD get the launcher's own handlers, swapped out around fork).
+    # What every task inherits: default dispositions, Python's KeyboardInterrupt on SIGINT.
     procs.csignal.signal(signal.SIGUSR1, procs.csignal.SIG_DFL)
     procs.csignal.signal(signal.SIGINT, signal.default_int_handler)
     supervisor.setup_stdio()

@@ -13,7 +13,7 @@ Cost shapes the code. Supervisor and task are fresh copies of the launcher,
 and each page either writes is copied: a no-op run took ~940 page faults
 across launcher, supervisor and task (~75% of their CPU time in the kernel)
 before this was tuned, ~670 after. So: signal dispositions arrive as defaults
-(the launcher swaps its handlers out around ``fork``), hence nothing to reset
+(the launcher installs no handler: it blocks what it waits for), hence nothing to reset
 and no wakeup pipe; ``_signal`` is called rather than ``signal``, whose
 wrappers build enum members; code paths are warmed up and the request is
 parsed in the launcher (:func:`warm_up`, :func:`prepare`); no ``contextlib``
@@ -53,8 +53,6 @@ WAITED = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGHU
 #: own, and SIGUSR1 is only for supervisors. The task unblocks everything and so
 #: gets Python's usual KeyboardInterrupt on SIGINT.
 ALWAYS_BLOCKED = frozenset({signal.SIGINT, signal.SIGUSR1})
-#: The launcher's own handlers, swapped for SIG_DFL (and blocked) around ``fork``.
-LAUNCHER_HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)
 #: The task could not even be set up (bad cwd, bad context): like the shell's 126.
 EXIT_SETUP = 126
 #: How often the SIGKILL phase re-scans for processes that appeared meanwhile.
@@ -302,12 +300,9 @@ class _Supervisor:
     def _reap(self) -> bool:
         """Reap what has exited; True once the task is reaped and nothing else is left."""
         while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return True
-            if pid == 0:
-                return False
+            pid, st = procs.wait_any()
+            if pid <= 0:
+                return pid < 0
             if pid == self.task:
                 self.task_status = st
 
