@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor.setup_stdio()
     procs.warm()
     supervisor.warm_up()
-    procs.set_child_subreaper()
+    procs.become_subreaper(0)  # no parent-death signal: see spawn()
     sock = socket.socket(fileno=fd)
     launcher = Launcher(sock)
     gc.collect()

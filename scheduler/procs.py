@@ -44,7 +44,9 @@ def warm() -> None:
     """
     global _prctl_fn, _waitpid_fn, _wstatus, _wstatus_ptr
     if _prctl_fn is None:
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL: the calls keep the GIL (they never block), sparing the page copies of
+        # releasing and retaking it in a fresh fork.
+        libc = ctypes.PyDLL(None, use_errno=True)
         _prctl_fn = libc.prctl
         _waitpid_fn = libc.waitpid
         _wstatus = ctypes.c_int()

@@ -42,7 +42,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 from scheduler import procs
 from scheduler.child import ctx_from_json, preloaded_target, run_task
@@ -147,7 +147,7 @@ def warm_up() -> None:
         for _ in range(WARM_UP_ROUNDS):
             _task(req, w, w, 0, dry=True)
             if forks:
-                _Supervisor(req, w, os.getppid()).main()
+                run(req, w, w, w, os.getppid(), dry=True)
             run_task(req["target"], req["ctx"])  # the path of a target the child imports
             with contextlib.suppress(BlockingIOError):
                 while os.read(r, 65536):
@@ -176,24 +176,32 @@ def setup_stdio() -> None:
     sys.stdout, sys.stderr = _writer(1), _writer(2)
 
 
-def run(req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int) -> NoReturn:
+def run(
+    req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int, dry: bool = False
+) -> None:
     """Supervise one run; called in the launcher's freshly forked child, never returns.
 
     The launcher forks with :data:`WAITED` blocked and their dispositions at
-    SIG_DFL, and its fd 0 is already /dev/null.
+    SIG_DFL, and its fd 0 is already /dev/null. ``dry`` (:func:`warm_up`, in
+    the launcher) skips what would change the calling process, and returns.
     """
     try:
-        os.setsid()
-        procs.become_subreaper(signal.SIGTERM)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.closerange(3, status)
-        os.closerange(status + 1, _MAXFD)
+        if not dry:
+            os.setsid()
+            procs.become_subreaper(signal.SIGTERM)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.closerange(3, status)
+            os.closerange(status + 1, _MAXFD)
         _Supervisor(req, status, parent).main()
+        if dry:
+            return
         # Release every pipe in one call: the daemon sees the run end in one wakeup, and
         # before this process's address space is torn down (exit closes fds last).
         os.closerange(1, _MAXFD)
     except BaseException as exc:
+        if dry:
+            raise
         try:
             traceback.print_exc()
             for _ in range(50):
