@@ -62,11 +62,16 @@ IDLE_WAIT = 3600.0
 #: How often :func:`warm_up` runs each path: CPython 3.11 quickens a function
 #: after 8 calls, and specialised instructions settle a few runs later.
 WARM_UP_ROUNDS = 20
+_SIGTERM = int(signal.SIGTERM)
 #: What the task reports when it has nothing to say; compared, never parsed.
 DONE = b'{"ev":"done"}\n'
 #: The result line of a task that exited by itself with nothing to report.
 _PLAIN_RESULT = b'{"ev":"result","status":"%s","exit_code":%d,"pid":%d,"ended_ns":%d}\n'
 _STATUS = (b"failed", b"success")
+
+#: Targets :func:`prepare` remembers resolving (see :func:`~scheduler.child.preloaded_target`).
+MAX_TARGETS = 1024
+_funcs: dict[str, Any] = {}
 
 #: Highest fd + 1 to close in a new supervisor; looked up once, in the launcher.
 _MAXFD = os.sysconf("SC_OPEN_MAX")
@@ -115,7 +120,22 @@ def prepare(req: dict[str, Any]) -> None:
     """
     req["ctx"] = ctx_from_json(req["ctx"])
     req["env"] = [(os.fsencode(k), os.fsencode(v)) for k, v in req["env"].items()]
-    req["func"] = preloaded_target(req["target"])
+    target = req["target"]
+    func = _funcs.get(target, _funcs)
+    if func is _funcs:
+        func = preloaded_target(target)
+        if len(_funcs) < MAX_TARGETS:  # the launcher imports nothing later: stays true
+            _funcs[target] = func
+    req["func"] = func
+    # What the supervisor and the task read, each as one tuple: every constant and
+    # method a fresh fork touches costs a page copy.
+    timeout, not_before = req.get("timeout"), req.get("not_before")
+    if timeout is not None:
+        timeout = float(timeout)
+    if not_before is not None:
+        not_before = float(not_before)
+    req["sup"] = (timeout, not_before, float(req.get("kill_grace", 10.0)))
+    req["task"] = (req.get("cwd"), req["env"], target, req["ctx"], not_before, func)
 
 
 def warm_up() -> None:
@@ -239,9 +259,9 @@ class _Supervisor:
         self.req = req
         self.status = status
         self.parent = parent
-        self.timeout: float | None = req.get("timeout")
-        self.not_before: float | None = req.get("not_before")
-        self.grace = float(req.get("kill_grace", 10.0))
+        self.timeout: float | None
+        self.not_before: float | None
+        self.timeout, self.not_before, self.grace = req["sup"]
         self.cancelled = os.getppid() != parent  # the launcher died before PDEATHSIG was set
         self.hurry = False
         self.task = 0
@@ -249,7 +269,7 @@ class _Supervisor:
         self.reason: str | None = None  # "timeout" | "cancel" | "leftovers"
         self.kill_at: float | None = None
         self.killing = False
-        self.last_signal = signal.SIGTERM
+        self.last_signal: int = _SIGTERM
 
     def main(self) -> None:
         me = os.getpid()
@@ -402,28 +422,21 @@ def _task(
     code = EXIT_SETUP
     error = note = None
     try:
+        cwd, env, target, ctx, not_before, func = req["task"]
         if not dry:
             os.setpgid(0, 0)
             procs.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != supervisor:
                 os._exit(EXIT_SETUP)
             procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
-            cwd = req.get("cwd")
             if cwd:
                 os.chdir(cwd)
-        env = req["env"]
         if env:  # else nothing to do: the launcher's environment is empty (warm_up)
             _set_environ(env)
         os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
         if not dry:
             os.close(status)
-        outcome = run_task(
-            req["target"],
-            req["ctx"],
-            own_process=not dry,
-            not_before=req.get("not_before"),
-            func=req.get("func"),
-        )
+        outcome = run_task(target, ctx, own_process=not dry, not_before=not_before, func=func)
         code, error, note = outcome.exit_code, outcome.error, outcome.note
     except BaseException as exc:
         try:
