@@ -156,8 +156,9 @@ class Launcher:
         self.pid = os.getpid()
         self.buf = bytearray()
         self.fds: deque[int] = deque()
-        self.sups: dict[int, tuple[str, float]] = {}  # supervisor pid -> (run_id, grace)
-        self.by_run: dict[str, int] = {}
+        # Each run's booking (see _book), by supervisor pid and by run id.
+        self.sups: dict[int, list[Any]] = {}
+        self.by_run: dict[str, list[Any]] = {}
         self.reap = False
         self.sweep_at: float | None = None  # strays were killed: look again by then
         self.closing = False
@@ -167,11 +168,25 @@ class Launcher:
         self.held: list[object] | None = None  # see _receive
 
     def serve(self) -> int:
+        """The loop. Supervisors are forked here, in this frame, after everything else.
+
+        Whatever the launcher writes to memory between a ``fork`` and that
+        supervisor's exit is copied page by page, and returning through frames
+        writes to every function, code and local object they hold: so requests
+        are parsed and booked first (:meth:`_receive`), and after each ``fork``
+        this loop only records the pid, closes the run's fds and sleeps again.
+        The child never returns from :func:`~scheduler.supervisor.run`; it
+        starts with :data:`~scheduler.supervisor.WAITED` blocked and every
+        disposition at its default, as the launcher runs, so it needs no signal
+        set-up at all.
+        """
         self.poller.register(self.sock.fileno(), select.POLLIN)
-        wait = procs.csignal.sigtimedwait
+        poll, wait, fork, close = self.poller.poll, procs.csignal.sigtimedwait, os.fork, os.close
+        run, me, sups, tick = supervisor.run, self.pid, self.sups, round(TICK * 1000)
         while True:
-            if self.poller.poll(self._poll_ms()):
-                self._receive()
+            closing_or_sweep = self.closing or self.sweep_at is not None
+            ready = poll(self._poll_ms() if closing_or_sweep else tick)
+            # Signals and reaping first: that work, like parsing, is cheaper before a fork.
             while (info := wait(LAUNCHER_SIGNALS, 0)) is not None:
                 if info.si_signo == signal.SIGCHLD:
                     self.reap = True
@@ -184,6 +199,23 @@ class Launcher:
                     return 0
             if self.closing:
                 self._escalate()
+            if ready:
+                for msg, fds, booked in self._receive():
+                    try:
+                        pid = fork()
+                    except OSError as exc:
+                        del self.by_run[booked[1]]
+                        self._refuse(fds, f"fork failed: {exc}")
+                        continue
+                    if pid == 0:
+                        run(msg, fds[0], fds[1], fds[2], me)
+                    booked[0] = pid
+                    sups[pid] = booked
+                    close(fds[0])
+                    close(fds[1])
+                    close(fds[2])
+                    if booked[3]:  # cancelled in the same batch, before its fork
+                        procs.kill_tree([pid], booked[3])
 
     def _poll_ms(self) -> int:
         """Sleep until a request, or until something must be looked at on a clock."""
@@ -193,13 +225,16 @@ class Launcher:
             return min(round(TICK * 1000), max(0, round((self.sweep_at - time.monotonic()) * 1000)))
         return round(TICK * 1000)
 
-    def _receive(self) -> None:
-        """Read what the daemon sent: frames, and the fds that came with them.
+    def _receive(self) -> list[tuple[dict[str, Any], list[int], list[Any]]]:
+        """Read what the daemon sent: handle it, and return the runs to fork.
 
-        ``recvmsg`` and the ``json`` decoder are called directly, not through
-        ``socket.recv_fds`` and ``json.loads``: every page this loop touches was
-        write-protected by the last ``fork`` and costs a fault, so fewer Python
-        frames per request is measurably cheaper.
+        Each run comes as ``(request, fds, booking)``; the booking
+        ``[pid, run_id, kill_grace]`` is already filed under the run id, and
+        :meth:`serve` fills in the pid. ``recvmsg`` and the ``json`` decoder
+        are called directly, not through ``socket.recv_fds`` and
+        ``json.loads``: every page this loop touches was write-protected by the
+        last ``fork`` and costs a fault, so fewer Python frames per request is
+        measurably cheaper.
 
         What a batch allocated is released only when the next one arrives: freed
         right after the ``fork``, each object would cost a page copy while the
@@ -220,11 +255,11 @@ class Launcher:
         if not data:
             self.poller.unregister(self.sock.fileno())
             self._close()
-            return
+            return []
         buf = self.buf
         buf += data
-        held: list[object] = [data, ancillary]
-        self.held = held
+        runs: list[tuple[dict[str, Any], list[int], list[Any]]] = []
+        self.held = [data, ancillary, runs]
         while len(buf) >= 4:
             size = int.from_bytes(buf[:4], "big")
             if len(buf) < 4 + size:
@@ -232,55 +267,63 @@ class Launcher:
             msg = _decode(buf[4 : 4 + size].decode())
             del buf[: 4 + size]
             fds = [self.fds.popleft() for _ in range(min(msg.get("nfds", 0), len(self.fds)))]
-            held += (msg, fds)
-            self._handle(msg, fds)
+            self.held.append(msg)
+            op = msg.get("op")
+            if op == "run" and len(fds) == 3:
+                booked = self._book(msg, fds)
+                if booked is not None:
+                    runs.append((msg, fds, booked))
+                continue
+            if op in ("cancel", "hurry"):
+                sig = signal.SIGTERM if op == "cancel" else signal.SIGUSR1
+                self._signal_runs(msg.get("run_id"), sig)
+            for fd in fds:
+                os.close(fd)
+        return runs
 
-    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
-        op = msg.get("op")
-        if op == "run" and len(fds) == 3:
-            self._spawn(msg, fds)
-            return
-        if op in ("cancel", "hurry"):
-            sig = signal.SIGTERM if op == "cancel" else signal.SIGUSR1
-            run_id = msg.get("run_id")
-            pids = list(self.sups) if run_id is None else [self.by_run.get(run_id, 0)]
-            procs.kill_tree([p for p in pids if p], sig)
-        for fd in fds:
-            os.close(fd)
+    def _signal_runs(self, run_id: object, sig: int) -> None:
+        """Cancel (SIGTERM) or hurry (SIGUSR1) one run, or every run if ``run_id`` is None.
 
-    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
-        out_w, err_w, status = fds
-        pid = -1
-        try:
-            supervisor.prepare(msg)
-            why = "launcher is shutting down" if self.closing else ""
-        except (KeyError, ValueError, TypeError) as exc:
-            why = f"bad run request: {exc}"
-        if not why:
-            try:
-                pid = self.fork_supervisor(msg, out_w, err_w, status)
-            except OSError as exc:
-                why = f"fork failed: {exc}"
-        if pid > 0:
-            self.sups[pid] = (msg["run_id"], float(msg.get("kill_grace", 10.0)))
-            self.by_run[msg["run_id"]] = pid
-        else:
-            supervisor.send(status, ev="result", status="killed", reason=why, ended=time.time())
-        for fd in fds:
-            os.close(fd)
-
-    def fork_supervisor(self, msg: dict[str, Any], out_w: int, err_w: int, status: int) -> int:
-        """Fork one run's supervisor; in the child this never returns.
-
-        The child starts with :data:`~scheduler.supervisor.WAITED` blocked and
-        every disposition at its default, as the launcher runs, so it needs no
-        signal set-up at all. Whatever this process writes to memory from here
-        until the supervisor exits is copied page by page, hence so little.
+        A run of this same batch, not forked yet, gets the signal right after
+        its ``fork`` (:meth:`serve`), so a cancel is never lost to the order.
         """
-        pid = os.fork()
-        if pid == 0:
-            supervisor.run(msg, out_w, err_w, status, self.pid)
-        return pid
+        if run_id is None:
+            targets = list(self.by_run.values())
+        else:
+            booked = self.by_run.get(run_id) if isinstance(run_id, str) else None
+            targets = [] if booked is None else [booked]
+        for booked in targets:
+            if booked[0]:
+                procs.kill_tree([booked[0]], sig)
+            elif sig == signal.SIGUSR1 or not booked[3]:
+                booked[3] = sig
+
+    def _book(self, msg: dict[str, Any], fds: list[int]) -> list[Any] | None:
+        """Prepare a run request and file it under its run id; None if it was refused.
+
+        The booking is ``[supervisor pid (0 until forked), run_id, kill_grace,
+        signal to send once forked (0: none)]``.
+        """
+        run_id = msg.get("run_id")
+        try:
+            if not isinstance(run_id, str):
+                raise ValueError(f"run_id {run_id!r} is not a string")
+            supervisor.prepare(msg)
+        except (KeyError, ValueError, TypeError) as exc:
+            self._refuse(fds, f"bad run request: {exc}")
+            return None
+        if self.closing:
+            self._refuse(fds, "launcher is shutting down")
+            return None
+        booked = [0, run_id, msg["sup"][2], 0]
+        self.by_run[run_id] = booked
+        return booked
+
+    def _refuse(self, fds: list[int], why: str) -> None:
+        """Report a run that gets no supervisor as ``killed``, and let go of its fds."""
+        supervisor.send(fds[2], ev="result", status="killed", reason=why, ended=time.time())
+        for fd in fds:
+            os.close(fd)
 
     def _reap_all(self) -> bool:
         """Reap every exited child; True once the launcher has no child at all.
@@ -301,8 +344,8 @@ class Launcher:
             sup = self.sups.pop(pid, None)
             if sup is None or st != 0:
                 sweep = True  # an orphan, or a supervisor that died before its tree did
-            if sup is not None and self.by_run.get(sup[0]) == pid:
-                del self.by_run[sup[0]]
+            if sup is not None and self.by_run.get(sup[1]) is sup:
+                del self.by_run[sup[1]]
         if sweep:
             self._sweep()
         return False
@@ -322,7 +365,7 @@ class Launcher:
             return
         self.closing = True
         procs.kill_tree(self.sups, signal.SIGTERM)
-        longest = max((grace for _, grace in self.sups.values()), default=0.0)
+        longest = max((booked[2] for booked in self.sups.values()), default=0.0)
         self.hurry_at = time.monotonic() + longest + CLOSE_HURRY_AFTER
         self.kill_at = self.hurry_at + CLOSE_KILL_AFTER
 
