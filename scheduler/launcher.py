@@ -13,7 +13,8 @@ everything a child needs is prepared and warmed up here, before the fork
 (:func:`scheduler.supervisor.prepare`, :func:`scheduler.supervisor.warm_up`,
 :func:`scheduler.procs.warm`, ``LD_BIND_NOW``, ``gc.freeze()``); children
 inherit default signal dispositions, so they have none to reset; and the
-per-request path here touches as little as it can.
+per-request path here touches as little as it can, almost nothing between a
+``fork`` and that supervisor's exit (:meth:`Launcher.serve`).
 
 Protocol on the control socket (``AF_UNIX``/``SOCK_STREAM``, the other end in
 the daemon):
@@ -41,7 +42,8 @@ End of file on the socket, SIGTERM or SIGHUP means the daemon is gone (or
 closing): every supervisor gets SIGTERM and ends its run's tree with the run's
 grace; the launcher exits once all are reaped, escalating to SIGKILL if one
 hangs. The launcher is a child subreaper too, so anything orphaned by a
-supervisor that was itself SIGKILLed lands here and is killed at once.
+supervisor that was itself SIGKILLed lands here and is killed when the
+launcher reaps that supervisor (its next wakeup, within :data:`TICK`).
 """
 
 from __future__ import annotations

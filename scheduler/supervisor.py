@@ -10,25 +10,34 @@ SIGUSR1 (hurry: SIGKILL now) and SIGHUP (ignored), and always leaves through
 ``os._exit``: it is a copy of the launcher and must never run its cleanup.
 
 Cost shapes the code. Supervisor and task are fresh copies of the launcher,
-and each page either writes is copied: a no-op run took ~940 page faults
-across launcher, supervisor and task (~75% of their CPU time in the kernel)
-before this was tuned, ~670 after. So: signal dispositions arrive as defaults
-(the launcher installs no handler: it blocks what it waits for), hence nothing to reset
-and no wakeup pipe; ``_signal`` is called rather than ``signal``, whose
-wrappers build enum members; code paths are warmed up and the request is
-parsed in the launcher (:func:`warm_up`, :func:`prepare`); no ``contextlib``
-on the usual path; the task's pid rides on its "started" message, its report
-is one constant line when it has nothing to say, and the supervisor releases
-all its pipes with one ``close_range``.
+and each page either writes is copied (~3.5 us each here, ~1 us when the page
+is no longer shared): a no-op run took ~940 page faults across launcher,
+supervisor and task (~75% of their CPU time in the kernel) before this was
+tuned, ~670 after a first pass, ~510 now. Every Python object a fresh fork
+touches costs a page (its reference count is written), every function it
+calls two more (the function and its code object), and bytecode that first
+runs there is specialised there, writing to the code and type caches. So:
+signal dispositions arrive as defaults (the launcher installs no handler: it
+blocks what it waits for), hence nothing to reset and no wakeup pipe;
+``_signal`` is called rather than ``signal``, whose wrappers build enum
+members; the request is parsed, the target resolved and each process's
+settings packed into one tuple in the launcher (:func:`prepare`); the whole
+path, the supervisor's loop included, runs in the launcher before it serves
+(:func:`warm_up`); no ``contextlib`` and no exceptions on the usual path; the
+task's pid rides on its "started" message, its report is one constant line
+when it has nothing to say, the usual result is one preformatted line, and
+the supervisor releases all its pipes with one ``close_range``.
 
 Status pipe to the daemon: newline-terminated JSON objects, each written with
 one ``os.write`` (shorter than ``PIPE_BUF``, so never interleaved):
 ``{"ev":"started","pid":N,"ns":wall_ns}`` (from the task process, which then
 closes the pipe so that nothing it forks holds it), ``{"ev":"event","msg":...}``,
 and last ``{"ev":"result","status":...,"exit_code":...,"signal":...,
-"error":...,"pid":N,"ended":wall}``. End of file on it therefore means the
-supervisor is gone. The task reports its exception type (or a note about its
-return value) on a private pipe, read once the task has been reaped.
+"error":...,"pid":N,"ended":wall}`` (``"ended_ns":wall_ns`` instead of
+``"ended"`` for a task that exited by itself with nothing to report). End of
+file on it therefore means the supervisor is gone. The task reports its
+exception type (or a note about its return value) on a private pipe, read once
+the task has been reaped.
 """
 
 from __future__ import annotations
