@@ -63,7 +63,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import scheduler.types  # noqa: F401  (preloaded so that children get it for free)
-from scheduler import procs, supervisor
+from scheduler import procs, runstatus, supervisor
 
 if TYPE_CHECKING:
     import subprocess
@@ -323,7 +323,7 @@ class Launcher:
 
     def _refuse(self, fds: list[int], why: str) -> None:
         """Report a run that gets no supervisor as ``killed``, and let go of its fds."""
-        supervisor.send(fds[2], ev="result", status="killed", reason=why, ended=time.time())
+        runstatus.send(fds[2], ev="result", status="killed", reason=why, ended=time.time())
         for fd in fds:
             os.close(fd)
 

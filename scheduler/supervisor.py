@@ -26,25 +26,14 @@ path, the supervisor's loop included, runs in the launcher before it serves
 (:func:`warm_up`); no ``contextlib`` and no exceptions on the usual path; the
 task's pid rides on its "started" message, its report is one constant line
 when it has nothing to say, the usual result is one preformatted line, and
-the supervisor releases all its pipes with one ``close_range``.
-
-Status pipe to the daemon: newline-terminated JSON objects, each written with
-one ``os.write`` (shorter than ``PIPE_BUF``, so never interleaved):
-``{"ev":"started","pid":N,"ns":wall_ns}`` (from the task process, which then
-closes the pipe so that nothing it forks holds it), ``{"ev":"event","msg":...}``,
-and last ``{"ev":"result","status":...,"exit_code":...,"signal":...,
-"error":...,"pid":N,"ended":wall}`` (``"ended_ns":wall_ns`` instead of
-``"ended"`` for a task that exited by itself with nothing to report). End of
-file on it therefore means the supervisor is gone. The task reports its
-exception type (or a note about its return value) on a private pipe, read once
-the task has been reaped.
+the supervisor releases all its pipes with one ``close_range``. What it says on the status pipe, and
+how: :mod:`scheduler.runstatus`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import sys
@@ -55,6 +44,15 @@ from typing import Any
 
 from scheduler import procs
 from scheduler.child import ctx_from_json, preloaded_target, run_task
+from scheduler.runstatus import (
+    DONE,
+    PLAIN_RESULT,
+    STATUS,
+    apply_report,
+    done_line,
+    read_report,
+    send,
+)
 
 #: What the supervisor waits for with ``sigtimedwait``; all blocked from the fork on.
 WAITED = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGHUP})
@@ -72,51 +70,12 @@ IDLE_WAIT = 3600.0
 #: after 8 calls, and specialised instructions settle a few runs later.
 WARM_UP_ROUNDS = 20
 _SIGTERM = int(signal.SIGTERM)
-#: What the task reports when it has nothing to say; compared, never parsed.
-DONE = b'{"ev":"done"}\n'
-#: The result line of a task that exited by itself with nothing to report.
-_PLAIN_RESULT = b'{"ev":"result","status":"%s","exit_code":%d,"pid":%d,"ended_ns":%d}\n'
-_STATUS = (b"failed", b"success")
-
 #: Targets :func:`prepare` remembers resolving (see :func:`~scheduler.child.preloaded_target`).
 MAX_TARGETS = 1024
 _funcs: dict[str, Any] = {}
 
 #: Highest fd + 1 to close in a new supervisor; looked up once, in the launcher.
 _MAXFD = os.sysconf("SC_OPEN_MAX")
-
-
-def send(fd: int, **msg: Any) -> None:
-    """Write one status message; a vanished reader must not stop a run from being ended."""
-    try:  # noqa: SIM105  (contextlib.suppress costs page copies in a fresh fork)
-        os.write(fd, encode(msg))
-    except OSError:
-        pass
-
-
-def encode(msg: Mapping[str, Any]) -> bytes:
-    """JSON for flat messages of plain values, without touching the ``json`` encoder.
-
-    Every page a forked child writes to is copied; ``json.dumps`` alone touches
-    ~100 of them on first use (about 0.2 ms per process here).
-    """
-    parts = []
-    for key, value in msg.items():
-        if value is None:
-            text = "null"
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            text = repr(value)
-        elif isinstance(value, str) and _plain(value):
-            text = f'"{value}"'
-        else:
-            text = json.dumps(value)
-        parts.append(f'"{key}":{text}')
-    return ("{" + ",".join(parts) + "}\n").encode()
-
-
-def _plain(text: str) -> bool:
-    """True when ``text`` needs no JSON escaping."""
-    return text.isprintable() and '"' not in text and "\\" not in text
 
 
 def prepare(req: dict[str, Any]) -> None:
@@ -319,16 +278,16 @@ class _Supervisor:
                     self.cancelled = True
                 elif info.si_signo == signal.SIGUSR1:
                     self.cancelled = self.hurry = True
-        report = _read_all(report_r)
+        report = read_report(report_r)
         code = os.waitstatus_to_exitcode(self.task_status or 0)
         if report == DONE and self.reason is None and code >= 0:
             # The usual end, a task that exited by itself and had nothing to add: one
             # preformatted line (the general path below costs ~40 page copies).
-            line = _PLAIN_RESULT % (_STATUS[code == 0], code, self.task, time.time_ns())
+            line = PLAIN_RESULT % (STATUS[code == 0], code, self.task, time.time_ns())
             os.write(self.status, line)
         else:
             result = self._result()
-            note = _apply_report(report, result)
+            note = apply_report(report, result)
             if note:
                 self._event(note)
             send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
@@ -384,40 +343,6 @@ class _Supervisor:
         return {"status": "success" if code == 0 else "failed", "exit_code": code}
 
 
-def _read_all(fd: int) -> bytes:
-    """What the (reaped) task reported on its private pipe.
-
-    The task's last act is one write, so this is one read and, the task
-    being gone, end of file. A task that ``exec``'d closed its end on exec and
-    reports nothing; one that died abruptly may have left strays holding the
-    pipe, hence non-blocking reads.
-    """
-    data = b""
-    try:
-        while chunk := os.read(fd, 65536):
-            data += chunk
-    except OSError:
-        pass
-    return data
-
-
-def _apply_report(data: bytes, result: dict[str, Any]) -> str | None:
-    """Apply a task's report to ``result``; return its note, if any."""
-    if data == DONE:
-        return None
-    note = None
-    for line in data.splitlines():
-        try:
-            msg = json.loads(line)
-            if msg.get("error"):
-                result["error"] = msg["error"]
-            if msg.get("note"):
-                note = msg["note"]
-        except (ValueError, AttributeError):
-            continue
-    return note
-
-
 def _task(
     req: Mapping[str, Any], status: int, report: int, supervisor: int, dry: bool = False
 ) -> int:
@@ -454,21 +379,12 @@ def _task(
         finally:
             error = type(exc).__name__
     try:  # noqa: SIM105  (no contextlib.suppress here: see send())
-        os.write(report, DONE if error is None and note is None else _done(error, note))
+        os.write(report, DONE if error is None and note is None else done_line(error, note))
     except OSError:
         pass
     if dry:
         return code
     os._exit(code)
-
-
-def _done(error: str | None, note: str | None) -> bytes:
-    msg = {"ev": "done"}
-    if error is not None:
-        msg["error"] = error
-    if note is not None:
-        msg["note"] = note
-    return (json.dumps(msg) + "\n").encode()
 
 
 def _set_environ(pairs: list[tuple[bytes, bytes]]) -> None:
