@@ -76,6 +76,10 @@ class ChildOutcome:
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
+#: The usual outcome, made once: a frozen dataclass costs ~20 page copies to build in a fresh fork.
+_SUCCESS = ChildOutcome(0)
+
+
 class TargetError(ImportError):
     """The task's ``pkg.mod:func`` target cannot be loaded; maps to exit status 127.
 
@@ -116,6 +120,31 @@ def load_target(target: str) -> Callable[..., Any]:
     return cast("Callable[..., Any]", obj)
 
 
+def preloaded_target(target: str) -> Callable[..., Any] | None:
+    """The callable ``module:function`` names if its module is already imported, else None.
+
+    The fork server resolves a run's target with this before forking, so the
+    task process does not run the import machinery and the target checks
+    again (~70 page copies in a fresh fork). Only a plain function attribute of
+    an imported module qualifies: nothing here may run a module's code (a
+    module ``__getattr__``, a property) in the fork server, and anything else
+    (dotted paths, modules still initialising, missing or uncallable
+    attributes) is left to :func:`load_target` in the child, which reports it.
+    """
+    if not isinstance(target, str) or not TARGET_RE.fullmatch(target):
+        return None
+    module_name, _, attr = target.partition(":")
+    module = sys.modules.get(module_name)
+    if type(module) is not type(sys) or "." in attr:  # only a plain module object
+        return None
+    names = vars(module)
+    spec = names.get("__spec__")
+    if spec is None or getattr(spec, "_initializing", False):
+        return None
+    func = names.get(attr)
+    return func if callable(func) else None
+
+
 def exit_status(value: object) -> tuple[int, str | None]:
     """Map a task function's return value to ``(exit status, note)``; see the module doc."""
     if value is None:
@@ -130,9 +159,17 @@ def exit_status(value: object) -> tuple[int, str | None]:
 
 
 def run_task(
-    target: str, ctx: RunContext, *, own_process: bool = False, not_before: float | None = None
+    target: str,
+    ctx: RunContext,
+    *,
+    own_process: bool = False,
+    not_before: float | None = None,
+    func: Callable[..., Any] | None = None,
 ) -> ChildOutcome:
     """Load ``target``, call it with ``ctx``, and map the result; never raises.
+
+    ``func`` is ``target`` already resolved (:func:`preloaded_target`); it
+    spares loading the target again.
 
     A run launched ahead of its slot calls the task at ``not_before``; before
     waiting, a task function's optional ``prepare(ctx)`` attribute is called,
@@ -144,17 +181,23 @@ def run_task(
     """
     token = _own_process.set(own_process)
     try:
-        return _run(target, ctx, not_before)
+        return _run(target, ctx, not_before, func)
     finally:
         _own_process.reset(token)
         _flush()
 
 
-def _run(target: str, ctx: RunContext, not_before: float | None = None) -> ChildOutcome:
+def _run(
+    target: str,
+    ctx: RunContext,
+    not_before: float | None = None,
+    func: Callable[..., Any] | None = None,
+) -> ChildOutcome:
     try:
         # Inside the try: an exception other than ImportError while importing the
         # target module is the task's own code failing, and maps like one.
-        func = load_target(target)
+        if func is None:
+            func = load_target(target)
         prepare = getattr(func, "prepare", None)
         if callable(prepare):
             prepare(ctx)  # work a task can do ahead of its slot (e.g. imports)
@@ -164,6 +207,8 @@ def _run(target: str, ctx: RunContext, not_before: float | None = None) -> Child
             if delay > 0:
                 time.sleep(delay)
         result = func(ctx)
+        if result is None:
+            return _SUCCESS
     except TargetError as exc:
         return _target_failed(exc)
     except SystemExit as exc:

@@ -13,7 +13,8 @@ everything a child needs is prepared and warmed up here, before the fork
 (:func:`scheduler.supervisor.prepare`, :func:`scheduler.supervisor.warm_up`,
 :func:`scheduler.procs.warm`, ``LD_BIND_NOW``, ``gc.freeze()``); children
 inherit default signal dispositions, so they have none to reset; and the
-per-request path here touches as little as it can.
+per-request path here touches as little as it can, almost nothing between a
+``fork`` and that supervisor's exit (:meth:`Launcher.serve`).
 
 Protocol on the control socket (``AF_UNIX``/``SOCK_STREAM``, the other end in
 the daemon):
@@ -29,16 +30,20 @@ the daemon):
   [...]}`` once after start-up. Everything about a run goes over its own
   status pipe instead, so a run's outcome never depends on this socket.
 
-Signals: SIGTERM, SIGHUP and SIGCHLD reach the loop through a wakeup pipe;
-around each ``fork`` they are blocked and set back to SIG_DFL, so the
-supervisor starts with exactly what it waits for blocked and the task with
-clean dispositions. SIGINT and SIGUSR1 stay blocked here.
+Signals: the launcher runs with SIGTERM, SIGHUP, SIGCHLD, SIGINT and SIGUSR1
+blocked and every disposition at its default, and takes pending ones with
+``sigtimedwait(..., 0)`` each time it wakes up (at least every :data:`TICK`
+seconds). So a supervisor starts with exactly what it waits for blocked and
+the task with clean dispositions, and a run costs no signal set-up around
+``fork``, no SIGCHLD wakeup and no page copies for either: a supervisor that
+exited is reaped at the next wakeup (the next request, or the tick).
 
 End of file on the socket, SIGTERM or SIGHUP means the daemon is gone (or
 closing): every supervisor gets SIGTERM and ends its run's tree with the run's
 grace; the launcher exits once all are reaped, escalating to SIGKILL if one
 hangs. The launcher is a child subreaper too, so anything orphaned by a
-supervisor that was itself SIGKILLed lands here and is killed at once.
+supervisor that was itself SIGKILLed lands here and is killed when the
+launcher reaps that supervisor (its next wakeup, within :data:`TICK`).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import scheduler.types  # noqa: F401  (preloaded so that children get it for free)
-from scheduler import procs, supervisor
+from scheduler import procs, runstatus, supervisor
 
 if TYPE_CHECKING:
     import subprocess
@@ -74,6 +79,10 @@ CLOSE_HURRY_AFTER = 2.0
 CLOSE_KILL_AFTER = 3.0
 #: After killing strays, when to look for more (one may have forked meanwhile).
 SWEEP_AGAIN = 0.02
+#: Longest sleep: how soon a SIGTERM or SIGHUP is seen and exited supervisors are reaped.
+TICK = 0.25
+#: Blocked for good in the launcher, and taken with ``sigtimedwait`` (see the module doc).
+LAUNCHER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD})
 
 
 _LOCALE_VARS = ("LANG", "LC_ALL", "LC_CTYPE")
@@ -141,10 +150,6 @@ def pack(msg: Mapping[str, Any]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    """Python-level handler so the C handler writes the signal number to the wakeup fd."""
-
-
 class Launcher:
     """The fork server's single-threaded event loop: control socket and signal wakeup pipe."""
 
@@ -153,30 +158,42 @@ class Launcher:
         self.pid = os.getpid()
         self.buf = bytearray()
         self.fds: deque[int] = deque()
-        self.sups: dict[int, tuple[str, float]] = {}  # supervisor pid -> (run_id, grace)
-        self.by_run: dict[str, int] = {}
+        # Each run's booking (see _book), by supervisor pid and by run id.
+        self.sups: dict[int, list[Any]] = {}
+        self.by_run: dict[str, list[Any]] = {}
         self.reap = False
         self.sweep_at: float | None = None  # strays were killed: look again by then
         self.closing = False
         self.hurry_at = self.kill_at = 0.0
         self.hurried = False
         self.poller = select.poll()
-        self.wake_r = self.wake_w = -1
+        self.held: list[object] | None = None  # see _receive
 
     def serve(self) -> int:
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._handlers(on=True)
-        self.poller.register(self.wake_r, select.POLLIN)
+        """The loop. Supervisors are forked here, in this frame, after everything else.
+
+        Whatever the launcher writes to memory between a ``fork`` and that
+        supervisor's exit is copied page by page, and returning through frames
+        writes to every function, code and local object they hold: so requests
+        are parsed and booked first (:meth:`_receive`), and after each ``fork``
+        this loop only records the pid, closes the run's fds and sleeps again.
+        The child never returns from :func:`~scheduler.supervisor.run`; it
+        starts with :data:`~scheduler.supervisor.WAITED` blocked and every
+        disposition at its default, as the launcher runs, so it needs no signal
+        set-up at all.
+        """
         self.poller.register(self.sock.fileno(), select.POLLIN)
+        poll, wait, fork, close = self.poller.poll, procs.csignal.sigtimedwait, os.fork, os.close
+        run, me, sups, tick = supervisor.run, self.pid, self.sups, round(TICK * 1000)
         while True:
-            for fd, _ in self.poller.poll(self._poll_ms()):
-                if fd == self.wake_r:
-                    data = os.read(self.wake_r, 512)
-                    self.reap = self.reap or signal.SIGCHLD in data
-                    if signal.SIGTERM in data or signal.SIGHUP in data:
-                        self._close()
+            closing_or_sweep = self.closing or self.sweep_at is not None
+            ready = poll(self._poll_ms() if closing_or_sweep else tick)
+            # Signals and reaping first: that work, like parsing, is cheaper before a fork.
+            while (info := wait(LAUNCHER_SIGNALS, 0)) is not None:
+                if info.si_signo == signal.SIGCHLD:
+                    self.reap = True
                 else:
-                    self._receive()
+                    self._close()
             swept = self.sweep_at is not None and time.monotonic() >= self.sweep_at
             if self.reap or swept or self.closing:
                 self.reap = False
@@ -184,38 +201,48 @@ class Launcher:
                     return 0
             if self.closing:
                 self._escalate()
+            if ready:
+                for msg, fds, booked in self._receive():
+                    try:
+                        pid = fork()
+                    except OSError as exc:
+                        del self.by_run[booked[1]]
+                        self._refuse(fds, f"fork failed: {exc}")
+                        continue
+                    if pid == 0:
+                        run(msg, fds[0], fds[1], fds[2], me)
+                    booked[0] = pid
+                    sups[pid] = booked
+                    close(fds[0])
+                    close(fds[1])
+                    close(fds[2])
+                    if booked[3]:  # cancelled in the same batch, before its fork
+                        procs.kill_tree([pid], booked[3])
 
-    def _poll_ms(self) -> int | None:
-        """Block until an event, unless something must be looked at on a clock."""
+    def _poll_ms(self) -> int:
+        """Sleep until a request, or until something must be looked at on a clock."""
         if self.closing:
             return 20
         if self.sweep_at is not None:
-            return max(0, round((self.sweep_at - time.monotonic()) * 1000))
-        return None
+            return min(round(TICK * 1000), max(0, round((self.sweep_at - time.monotonic()) * 1000)))
+        return round(TICK * 1000)
 
-    def _handlers(self, *, on: bool) -> None:
-        """Install, or around ``fork`` set to SIG_DFL, the launcher's handlers and wakeup fd.
+    def _receive(self) -> list[tuple[dict[str, Any], list[int], list[Any]]]:
+        """Read what the daemon sent: handle it, and return the runs to fork.
 
-        Swapping them out in the parent, with the signals blocked, costs a few
-        microseconds of warm code; resetting them in every supervisor and task
-        ran a cold interpreter path in each (~50 page copies per process). A
-        SIGTERM or SIGHUP that arrives meanwhile stays pending and reaches the
-        restored handler; a pending SIGCHLD is discarded by SIG_DFL, so
-        :meth:`fork_supervisor` reaps right after.
+        Each run comes as ``(request, fds, booking)``; the booking
+        ``[pid, run_id, kill_grace]`` is already filed under the run id, and
+        :meth:`serve` fills in the pid. ``recvmsg`` and the ``json`` decoder
+        are called directly, not through ``socket.recv_fds`` and
+        ``json.loads``: every page this loop touches was write-protected by the
+        last ``fork`` and costs a fault, so fewer Python frames per request is
+        measurably cheaper.
+
+        What a batch allocated is released only when the next one arrives: freed
+        right after the ``fork``, each object would cost a page copy while the
+        supervisor still shares its page (~40 per run).
         """
-        handler = _on_signal if on else procs.csignal.SIG_DFL
-        for sig in supervisor.LAUNCHER_HANDLED:
-            procs.csignal.signal(sig, handler)
-        signal.set_wakeup_fd(self.wake_w if on else -1, warn_on_full_buffer=False)
-
-    def _receive(self) -> None:
-        """Read what the daemon sent: frames, and the fds that came with them.
-
-        ``recvmsg`` and the ``json`` decoder are called directly, not through
-        ``socket.recv_fds`` and ``json.loads``: every page this loop touches was
-        write-protected by the last ``fork`` and costs a fault, so fewer Python
-        frames per request is measurably cheaper.
-        """
+        self.held = None
         try:
             data, ancillary, flags, _ = self.sock.recvmsg(RECV_SIZE, _ANC_SIZE)
         except OSError:
@@ -230,9 +257,11 @@ class Launcher:
         if not data:
             self.poller.unregister(self.sock.fileno())
             self._close()
-            return
+            return []
         buf = self.buf
         buf += data
+        runs: list[tuple[dict[str, Any], list[int], list[Any]]] = []
+        self.held = [data, ancillary, runs]
         while len(buf) >= 4:
             size = int.from_bytes(buf[:4], "big")
             if len(buf) < 4 + size:
@@ -240,60 +269,63 @@ class Launcher:
             msg = _decode(buf[4 : 4 + size].decode())
             del buf[: 4 + size]
             fds = [self.fds.popleft() for _ in range(min(msg.get("nfds", 0), len(self.fds)))]
-            self._handle(msg, fds)
+            self.held.append(msg)
+            op = msg.get("op")
+            if op == "run" and len(fds) == 3:
+                booked = self._book(msg, fds)
+                if booked is not None:
+                    runs.append((msg, fds, booked))
+                continue
+            if op in ("cancel", "hurry"):
+                sig = signal.SIGTERM if op == "cancel" else signal.SIGUSR1
+                self._signal_runs(msg.get("run_id"), sig)
+            for fd in fds:
+                os.close(fd)
+        return runs
 
-    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
-        op = msg.get("op")
-        if op == "run" and len(fds) == 3:
-            self._spawn(msg, fds)
-            return
-        if op in ("cancel", "hurry"):
-            sig = signal.SIGTERM if op == "cancel" else signal.SIGUSR1
-            run_id = msg.get("run_id")
-            pids = list(self.sups) if run_id is None else [self.by_run.get(run_id, 0)]
-            procs.kill_tree([p for p in pids if p], sig)
-        for fd in fds:
-            os.close(fd)
+    def _signal_runs(self, run_id: object, sig: int) -> None:
+        """Cancel (SIGTERM) or hurry (SIGUSR1) one run, or every run if ``run_id`` is None.
 
-    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
-        out_w, err_w, status = fds
-        pid = -1
-        try:
-            supervisor.prepare(msg)
-            why = "launcher is shutting down" if self.closing else ""
-        except (KeyError, ValueError, TypeError) as exc:
-            why = f"bad run request: {exc}"
-        if not why:
-            try:
-                pid = self.fork_supervisor(msg, out_w, err_w, status)
-            except OSError as exc:
-                why = f"fork failed: {exc}"
-        if pid > 0:
-            self.sups[pid] = (msg["run_id"], float(msg.get("kill_grace", 10.0)))
-            self.by_run[msg["run_id"]] = pid
-        else:
-            supervisor.send(status, ev="result", status="killed", reason=why, ended=time.time())
-        for fd in fds:
-            os.close(fd)
-
-    def fork_supervisor(self, msg: dict[str, Any], out_w: int, err_w: int, status: int) -> int:
-        """Fork one run's supervisor; in the child this never returns.
-
-        The child starts with :data:`~scheduler.supervisor.WAITED` blocked and
-        every disposition at its default, so it needs no signal set-up at all.
+        A run of this same batch, not forked yet, gets the signal right after
+        its ``fork`` (:meth:`serve`), so a cancel is never lost to the order.
         """
-        csig = procs.csignal
-        csig.pthread_sigmask(signal.SIG_BLOCK, supervisor.LAUNCHER_HANDLED)
-        self._handlers(on=False)
+        if run_id is None:
+            targets = list(self.by_run.values())
+        else:
+            booked = self.by_run.get(run_id) if isinstance(run_id, str) else None
+            targets = [] if booked is None else [booked]
+        for booked in targets:
+            if booked[0]:
+                procs.kill_tree([booked[0]], sig)
+            elif sig == signal.SIGUSR1 or not booked[3]:
+                booked[3] = sig
+
+    def _book(self, msg: dict[str, Any], fds: list[int]) -> list[Any] | None:
+        """Prepare a run request and file it under its run id; None if it was refused.
+
+        The booking is ``[supervisor pid (0 until forked), run_id, kill_grace,
+        signal to send once forked (0: none)]``.
+        """
+        run_id = msg.get("run_id")
         try:
-            pid = os.fork()
-            if pid == 0:
-                supervisor.run(msg, out_w, err_w, status, self.pid)
-        finally:
-            self._handlers(on=True)
-            csig.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.LAUNCHER_HANDLED)
-            self.reap = True  # a SIGCHLD pending while its handler was SIG_DFL was dropped
-        return pid
+            if not isinstance(run_id, str):
+                raise ValueError(f"run_id {run_id!r} is not a string")
+            supervisor.prepare(msg)
+        except (KeyError, ValueError, TypeError) as exc:
+            self._refuse(fds, f"bad run request: {exc}")
+            return None
+        if self.closing:
+            self._refuse(fds, "launcher is shutting down")
+            return None
+        booked = [0, run_id, msg["sup"][2], 0]
+        self.by_run[run_id] = booked
+        return booked
+
+    def _refuse(self, fds: list[int], why: str) -> None:
+        """Report a run that gets no supervisor as ``killed``, and let go of its fds."""
+        runstatus.send(fds[2], ev="result", status="killed", reason=why, ended=time.time())
+        for fd in fds:
+            os.close(fd)
 
     def _reap_all(self) -> bool:
         """Reap every exited child; True once the launcher has no child at all.
@@ -307,9 +339,8 @@ class Launcher:
         """
         sweep = self.sweep_at is not None
         while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
-            except ChildProcessError:
+            pid, st = procs.wait_any(os.WNOHANG | os.WUNTRACED)
+            if pid < 0:
                 self.sweep_at = None
                 return True
             if pid == 0:
@@ -324,8 +355,8 @@ class Launcher:
             sup = self.sups.pop(pid, None)
             if sup is None or st != 0:
                 sweep = True  # an orphan, or a supervisor that died before its tree did
-            if sup is not None and self.by_run.get(sup[0]) == pid:
-                del self.by_run[sup[0]]
+            if sup is not None and self.by_run.get(sup[1]) is sup:
+                del self.by_run[sup[1]]
         if sweep:
             self._sweep()
         return False
@@ -345,7 +376,7 @@ class Launcher:
             return
         self.closing = True
         procs.kill_tree(self.sups, signal.SIGTERM)
-        longest = max((grace for _, grace in self.sups.values()), default=0.0)
+        longest = max((booked[2] for booked in self.sups.values()), default=0.0)
         self.hurry_at = time.monotonic() + longest + CLOSE_HURRY_AFTER
         self.kill_at = self.hurry_at + CLOSE_KILL_AFTER
 
@@ -384,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(null, std)
     if null > 2:
         os.close(null)
-    procs.csignal.pthread_sigmask(signal.SIG_SETMASK, supervisor.ALWAYS_BLOCKED)
+    procs.csignal.pthread_sigmask(signal.SIG_SETMASK, supervisor.ALWAYS_BLOCKED | LAUNCHER_SIGNALS)
     warnings = []
     for name in preload:
         try:
@@ -394,14 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         warnings.append("a preloaded module started a thread; forking it is unsafe")
-    # What every task inherits: default dispositions, Python's KeyboardInterrupt on SIGINT
-    # (SIGTERM, SIGHUP and SIGCHLD get the launcher's own handlers, swapped out around fork).
+    # What every task inherits: default dispositions, Python's KeyboardInterrupt on SIGINT.
     procs.csignal.signal(signal.SIGUSR1, procs.csignal.SIG_DFL)
     procs.csignal.signal(signal.SIGINT, signal.default_int_handler)
     supervisor.setup_stdio()
     procs.warm()
     supervisor.warm_up()
-    procs.set_child_subreaper()
+    procs.become_subreaper(0)  # no parent-death signal: see spawn()
     sock = socket.socket(fileno=fd)
     launcher = Launcher(sock)
     gc.collect()

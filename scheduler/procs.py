@@ -30,6 +30,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 _prctl_fn: Any = None
+_waitpid_fn: Any = None
+_wstatus: Any = None  # a ctypes.c_int
+_wstatus_ptr: Any = None
 
 
 def warm() -> None:
@@ -39,9 +42,15 @@ def warm() -> None:
     must find everything ready: the ``ctypes`` function already looked up
     on the library, and the ``/proc`` layout already known.
     """
-    global _prctl_fn
+    global _prctl_fn, _waitpid_fn, _wstatus, _wstatus_ptr
     if _prctl_fn is None:
-        _prctl_fn = ctypes.CDLL(None, use_errno=True).prctl
+        # PyDLL: the calls keep the GIL (they never block), sparing the page copies of
+        # releasing and retaking it in a fresh fork.
+        libc = ctypes.PyDLL(None, use_errno=True)
+        _prctl_fn = libc.prctl
+        _waitpid_fn = libc.waitpid
+        _wstatus = ctypes.c_int()
+        _wstatus_ptr = ctypes.pointer(_wstatus)
     _use_children_files()
 
 
@@ -51,13 +60,23 @@ def _prctl(option: int, arg: int) -> None:
     Plain ints, no ``argtypes``: measured in a fresh fork, ``argtypes``
     converters (or a ``c_ulong`` per call) write to ~10 more pages per call.
     libffi widens each int to a full register, which for these values is the
-    ``unsigned long`` the kernel reads.
+    ``unsigned long`` the kernel reads. Callers in a fresh fork call
+    ``_prctl_fn`` themselves (each Python call level costs page copies there).
     """
+    if _bound()(option, arg, 0, 0, 0) != 0:
+        _failed(option)
+
+
+def _bound() -> Any:
+    """The ``prctl`` function, bound now if :func:`warm` has not run."""
     if _prctl_fn is None:
         warm()
-    if _prctl_fn(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return _prctl_fn
+
+
+def _failed(option: int) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def set_child_subreaper() -> None:
@@ -73,9 +92,34 @@ def set_pdeathsig(sig: int) -> None:
     """Ask the kernel to send ``sig`` when the thread that forked us dies.
 
     Callers must re-check ``os.getppid()`` afterwards: a parent that died
-    before this call is not reported.
+    before this call is not reported. Called in every task process: one
+    Python call level, no more (see :func:`_prctl`).
     """
-    _prctl(PR_SET_PDEATHSIG, sig)
+    if (_prctl_fn or _bound())(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        _failed(PR_SET_PDEATHSIG)
+
+
+def become_subreaper(deathsig: int) -> None:
+    """:func:`set_child_subreaper` and :func:`set_pdeathsig` in one call, for a supervisor."""
+    fn = _prctl_fn or _bound()
+    if fn(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        _failed(PR_SET_CHILD_SUBREAPER)
+    if fn(PR_SET_PDEATHSIG, deathsig, 0, 0, 0) != 0:
+        _failed(PR_SET_PDEATHSIG)
+
+
+def wait_any(flags: int = os.WNOHANG) -> tuple[int, int]:
+    """``waitpid(-1, flags)`` (``flags`` include ``WNOHANG``) that never raises: ``(pid, status)``.
+
+    ``pid`` is 0 while children remain and none has exited, -1 once there is
+    no child left (ECHILD: the only error ``WNOHANG`` can give here). Used by
+    supervisors, once per run at least: ``os.waitpid`` says "no child left"
+    with an exception, and building one in a fresh fork costs ~20 page copies.
+    """
+    if _waitpid_fn is None:
+        warm()
+    pid = _waitpid_fn(-1, _wstatus_ptr, flags)
+    return pid, (_wstatus.value if pid > 0 else 0)
 
 
 def signal_name(sig: int) -> str:

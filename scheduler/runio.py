@@ -250,7 +250,7 @@ class Reader:
                 continue
             ev = msg.get("ev")
             if ev == "started":
-                h.task_started = msg["t"]
+                h.task_started = msg["ns"] / 1e9
                 h.pid = msg.get("pid", h.pid)
             elif ev == "event":
                 safely(self._on_event, h.job_id, h.run_id, msg["msg"])
@@ -285,7 +285,9 @@ class Reader:
         result = RunResult(
             status=msg["status"],
             started_at=h.started_at,
-            ended_at=datetime.fromtimestamp(msg["ended"], UTC),
+            ended_at=datetime.fromtimestamp(
+                msg["ended_ns"] / 1e9 if "ended_ns" in msg else msg["ended"], UTC
+            ),
             exit_code=msg.get("exit_code"),
             signal=msg.get("signal"),
             error=error,

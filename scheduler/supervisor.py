@@ -10,42 +10,49 @@ SIGUSR1 (hurry: SIGKILL now) and SIGHUP (ignored), and always leaves through
 ``os._exit``: it is a copy of the launcher and must never run its cleanup.
 
 Cost shapes the code. Supervisor and task are fresh copies of the launcher,
-and each page either writes is copied: a no-op run took ~940 page faults
-across launcher, supervisor and task (~75% of their CPU time in the kernel)
-before this was tuned, ~670 after. So: signal dispositions arrive as defaults
-(the launcher swaps its handlers out around ``fork``), hence nothing to reset
-and no wakeup pipe; ``_signal`` is called rather than ``signal``, whose
-wrappers build enum members; code paths are warmed up and the request is
-parsed in the launcher (:func:`warm_up`, :func:`prepare`); no ``contextlib``
-on the usual path; the task's pid rides on its "started" message, its report
-is one constant line when it has nothing to say, and the supervisor releases
-all its pipes with one ``close_range``.
-
-Status pipe to the daemon: newline-terminated JSON objects, each written with
-one ``os.write`` (shorter than ``PIPE_BUF``, so never interleaved):
-``{"ev":"started","pid":N,"t":wall}`` (from the task process, which then
-closes the pipe so that nothing it forks holds it), ``{"ev":"event","msg":...}``,
-and last ``{"ev":"result","status":...,"exit_code":...,"signal":...,
-"error":...,"pid":N,"ended":wall}``. End of file on it therefore means the
-supervisor is gone. The task reports its exception type (or a note about its
-return value) on a private pipe, read once the task has been reaped.
+and each page either writes is copied (~3.5 us each here, ~1 us when the page
+is no longer shared): a no-op run took ~940 page faults across launcher,
+supervisor and task (~75% of their CPU time in the kernel) before this was
+tuned, ~670 after a first pass, ~510 now. Every Python object a fresh fork
+touches costs a page (its reference count is written), every function it
+calls two more (the function and its code object), and bytecode that first
+runs there is specialised there, writing to the code and type caches. So:
+signal dispositions arrive as defaults (the launcher installs no handler: it
+blocks what it waits for), hence nothing to reset and no wakeup pipe;
+``_signal`` is called rather than ``signal``, whose wrappers build enum
+members; the request is parsed, the target resolved and each process's
+settings packed into one tuple in the launcher (:func:`prepare`); the whole
+path, the supervisor's loop included, runs in the launcher before it serves
+(:func:`warm_up`); no ``contextlib`` and no exceptions on the usual path; the
+task's pid rides on its "started" message, its report is one constant line
+when it has nothing to say, the usual result is one preformatted line, and
+the supervisor releases all its pipes with one ``close_range``. What it says on the status pipe, and
+how: :mod:`scheduler.runstatus`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 from scheduler import confine, procs
-from scheduler.child import ctx_from_json, run_task
+from scheduler.child import ctx_from_json, preloaded_target, run_task
+from scheduler.runstatus import (
+    DONE,
+    PLAIN_RESULT,
+    STATUS,
+    apply_report,
+    done_line,
+    read_report,
+    send,
+)
 
 #: What the supervisor waits for with ``sigtimedwait``; all blocked from the fork on.
 WAITED = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGHUP})
@@ -53,8 +60,6 @@ WAITED = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGHU
 #: own, and SIGUSR1 is only for supervisors. The task unblocks everything and so
 #: gets Python's usual KeyboardInterrupt on SIGINT.
 ALWAYS_BLOCKED = frozenset({signal.SIGINT, signal.SIGUSR1})
-#: The launcher's own handlers, swapped for SIG_DFL (and blocked) around ``fork``.
-LAUNCHER_HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)
 #: The task could not even be set up (bad cwd, bad context): like the shell's 126.
 EXIT_SETUP = 126
 #: How often the SIGKILL phase re-scans for processes that appeared meanwhile.
@@ -64,80 +69,82 @@ IDLE_WAIT = 3600.0
 #: How often :func:`warm_up` runs each path: CPython 3.11 quickens a function
 #: after 8 calls, and specialised instructions settle a few runs later.
 WARM_UP_ROUNDS = 20
-#: What the task reports when it has nothing to say; compared, never parsed.
-DONE = b'{"ev":"done"}\n'
+_SIGTERM = int(signal.SIGTERM)
+#: Targets :func:`prepare` remembers resolving (see :func:`~scheduler.child.preloaded_target`).
+MAX_TARGETS = 1024
+_funcs: dict[str, Any] = {}
 
 #: Highest fd + 1 to close in a new supervisor; looked up once, in the launcher.
 _MAXFD = os.sysconf("SC_OPEN_MAX")
 
 
-def send(fd: int, **msg: Any) -> None:
-    """Write one status message; a vanished reader must not stop a run from being ended."""
-    try:  # noqa: SIM105  (contextlib.suppress costs page copies in a fresh fork)
-        os.write(fd, encode(msg))
-    except OSError:
-        pass
-
-
-def encode(msg: Mapping[str, Any]) -> bytes:
-    """JSON for flat messages of plain values, without touching the ``json`` encoder.
-
-    Every page a forked child writes to is copied; ``json.dumps`` alone touches
-    ~100 of them on first use (about 0.2 ms per process here).
-    """
-    parts = []
-    for key, value in msg.items():
-        if value is None:
-            text = "null"
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            text = repr(value)
-        elif isinstance(value, str) and _plain(value):
-            text = f'"{value}"'
-        else:
-            text = json.dumps(value)
-        parts.append(f'"{key}":{text}')
-    return ("{" + ",".join(parts) + "}\n").encode()
-
-
-def _plain(text: str) -> bool:
-    """True when ``text`` needs no JSON escaping."""
-    return text.isprintable() and '"' not in text and "\\" not in text
-
-
 def prepare(req: dict[str, Any]) -> None:
     """Parse a run request in the launcher, before forking: warm code there, no page copies.
 
-    The context becomes a :class:`~scheduler.types.RunContext` and the
-    environment a list of encoded ``(name, value)`` pairs, ready for ``putenv``.
+    The context becomes a :class:`~scheduler.types.RunContext`, the
+    environment a list of encoded ``(name, value)`` pairs, ready for ``putenv``,
+    and a target whose module the launcher has preloaded its function.
     Raises ``ValueError`` or ``TypeError`` for a malformed request.
     """
     req["ctx"] = ctx_from_json(req["ctx"])
     req["env"] = [(os.fsencode(k), os.fsencode(v)) for k, v in req["env"].items()]
+    target = req["target"]
+    func = _funcs.get(target, _funcs)
+    if func is _funcs:
+        func = preloaded_target(target)
+        if len(_funcs) < MAX_TARGETS:  # the launcher imports nothing later: stays true
+            _funcs[target] = func
+    req["func"] = func
+    # What the supervisor and the task read, each as one tuple: every constant and
+    # method a fresh fork touches costs a page copy.
+    timeout, not_before = req.get("timeout"), req.get("not_before")
+    if timeout is not None:
+        timeout = float(timeout)
+    if not_before is not None:
+        not_before = float(not_before)
+    req["sup"] = (timeout, not_before, float(req.get("kill_grace", 10.0)))
+    req["task"] = (req.get("cwd"), req["env"], target, req["ctx"], not_before, func)
 
 
 def warm_up() -> None:
-    """Run the supervisor's and the task's code paths once in the launcher, before forking.
+    """Run the supervisor's and the task's code paths in the launcher, before forking.
 
     CPython 3.11 rewrites a function's bytecode in place the first times it runs
     (quickening, specialisation) and fills lazy caches; done here, every child
-    inherits the result instead of copying the pages to redo it (~50 pages a
-    run). Also clears the launcher's own environment: a task gets exactly its
-    run's, and nothing is left to unset in each one.
+    inherits the result instead of copying the pages to redo it. So the
+    supervisor's own loop runs here for real, on a no-op task it forks (the
+    launcher has no other child yet, and :data:`WAITED` is blocked meanwhile),
+    and the task's code runs here ``dry``. Also clears the launcher's own
+    environment: a task gets exactly its run's, and one without variables has
+    nothing to set.
     """
+    _set_environ([])
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_mask = procs.csignal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
     try:
-        ctx = ctx_from_json({"job_id": "warm-up", "run_id": "warm-up", "task": "warm-up"})
+        req: dict[str, Any] = {
+            "op": "run",
+            "run_id": "warm-up",
+            "target": f"{__name__}:_noop",
+            "ctx": {"job_id": "warm-up", "run_id": "warm-up", "task": "warm-up"},
+            "env": {},
+        }
+        prepare(req)
+        # A preloaded module that started a process would have it reaped (or waited for) here.
+        forks = not procs.children(os.getpid())
         for _ in range(WARM_UP_ROUNDS):
-            _set_environ([])
-            run_task(f"{__name__}:_noop", ctx)
-            sup = _Supervisor({"timeout": None}, w, os.getpid())
-            sup.task_status = 0
-            result = sup._result()
-            send(w, ev="started", pid=1, t=time.time())
-            send(w, ev="result", pid=1, ended=time.time(), **result)
-            os.write(w, DONE)
-            _read_report(r, result)
+            _task(req, w, w, 0, dry=True)
+            if forks:
+                run(req, w, w, w, os.getppid(), dry=True)
+            run_task(req["target"], req["ctx"])  # the path of a target the child imports
+            with contextlib.suppress(BlockingIOError):
+                while os.read(r, 65536):
+                    pass
+        sup = _Supervisor(req, w, os.getppid())
+        sup.task_status = 0
+        send(w, ev="result", pid=1, ended=time.time(), **sup._result())
     finally:
+        procs.csignal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(r)
         os.close(w)
 
@@ -157,22 +164,32 @@ def setup_stdio() -> None:
     sys.stdout, sys.stderr = _writer(1), _writer(2)
 
 
-def run(req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int) -> NoReturn:
+def run(
+    req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int, dry: bool = False
+) -> None:
     """Supervise one run; called in the launcher's freshly forked child, never returns.
 
     The launcher forks with :data:`WAITED` blocked and their dispositions at
-    SIG_DFL, and its fd 0 is already /dev/null.
+    SIG_DFL, and its fd 0 is already /dev/null. ``dry`` (:func:`warm_up`, in
+    the launcher) skips what would change the calling process, and returns.
     """
     try:
-        os.setsid()
-        procs.set_child_subreaper()
-        procs.set_pdeathsig(signal.SIGTERM)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.closerange(3, status)
-        os.closerange(status + 1, _MAXFD)
+        if not dry:
+            os.setsid()
+            procs.become_subreaper(signal.SIGTERM)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.closerange(3, status)
+            os.closerange(status + 1, _MAXFD)
         _Supervisor(req, status, parent).main()
+        if dry:
+            return
+        # Release every pipe in one call: the daemon sees the run end in one wakeup, and
+        # before this process's address space is torn down (exit closes fds last).
+        os.closerange(1, _MAXFD)
     except BaseException as exc:
+        if dry:
+            raise
         try:
             traceback.print_exc()
             for _ in range(50):
@@ -189,13 +206,30 @@ def run(req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int
 class _Supervisor:
     """One run's supervision state: the task, the deadline, how the run is being ended."""
 
+    __slots__ = (
+        "cancelled",
+        "grace",
+        "hurry",
+        "kill_at",
+        "killing",
+        "last_signal",
+        "not_before",
+        "parent",
+        "reason",
+        "req",
+        "status",
+        "task",
+        "task_status",
+        "timeout",
+    )
+
     def __init__(self, req: Mapping[str, Any], status: int, parent: int) -> None:
         self.req = req
         self.status = status
         self.parent = parent
-        self.timeout: float | None = req.get("timeout")
-        self.not_before: float | None = req.get("not_before")
-        self.grace = float(req.get("kill_grace", 10.0))
+        self.timeout: float | None
+        self.not_before: float | None
+        self.timeout, self.not_before, self.grace = req["sup"]
         self.cancelled = os.getppid() != parent  # the launcher died before PDEATHSIG was set
         self.hurry = False
         self.task = 0
@@ -203,7 +237,7 @@ class _Supervisor:
         self.reason: str | None = None  # "timeout" | "cancel" | "leftovers"
         self.kill_at: float | None = None
         self.killing = False
-        self.last_signal = signal.SIGTERM
+        self.last_signal: int = _SIGTERM
 
     def main(self) -> None:
         me = os.getpid()
@@ -219,9 +253,11 @@ class _Supervisor:
             os.setpgid(self.task, self.task)
         except OSError:
             pass  # already done by the child, or it has exited
-        # A run launched ahead of its slot waits for it; its timeout starts then.
-        ahead = max(0.0, (self.not_before or 0.0) - time.time())
-        deadline = None if self.timeout is None else time.monotonic() + ahead + self.timeout
+        deadline = None
+        if self.timeout is not None:
+            # A run launched ahead of its slot waits for it; its timeout starts then.
+            ahead = max(0.0, self.not_before - time.time()) if self.not_before else 0.0
+            deadline = time.monotonic() + ahead + self.timeout
         while not self._reap():
             now = time.monotonic()
             if self.reason is None:
@@ -244,26 +280,29 @@ class _Supervisor:
                     self.cancelled = True
                 elif info.si_signo == signal.SIGUSR1:
                     self.cancelled = self.hurry = True
-        result = self._result()
-        note = _read_report(report_r, result)
-        if note:
-            self._event(note)
-        if limits:
-            confine.finish(self.req, groups, result)  # names the limit hit; removes the groups
-        send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
-        # Release every pipe in one call: the daemon sees the run end in one wakeup, and
-        # before this process's address space is torn down (exit closes fds last).
-        os.closerange(1, _MAXFD)
+        report = read_report(report_r)
+        code = os.waitstatus_to_exitcode(self.task_status or 0)
+        if report == DONE and self.reason is None and code >= 0 and not limits:
+            # The usual end, a task that exited by itself and had nothing to add: one
+            # preformatted line (the general path below costs ~40 page copies).
+            line = PLAIN_RESULT % (STATUS[code == 0], code, self.task, time.time_ns())
+            os.write(self.status, line)
+        else:
+            result = self._result()
+            note = apply_report(report, result)
+            if note:
+                self._event(note)
+            if limits:
+                confine.finish(self.req, groups, result)  # names the limit hit; removes the groups
+            send(self.status, ev="result", pid=self.task, ended=time.time(), **result)
+        os.close(report_r)
 
     def _reap(self) -> bool:
         """Reap what has exited; True once the task is reaped and nothing else is left."""
         while True:
-            try:
-                pid, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return True
-            if pid == 0:
-                return False
+            pid, st = procs.wait_any()
+            if pid <= 0:
+                return pid < 0
             if pid == self.task:
                 self.task_status = st
 
@@ -308,64 +347,41 @@ class _Supervisor:
         return {"status": "success" if code == 0 else "failed", "exit_code": code}
 
 
-def _read_report(fd: int, result: dict[str, Any]) -> str | None:
-    """Apply what the (reaped) task reported; return its note, if any.
-
-    The task's last act is one write, so this is one read and, the task
-    being gone, end of file. A task that ``exec``'d closed its end on exec and
-    reports nothing; one that died abruptly may have left strays holding the
-    pipe, hence non-blocking reads.
-    """
-    data = b""
-    try:
-        while chunk := os.read(fd, 65536):
-            data += chunk
-    except OSError:
-        pass
-    if data == DONE:
-        return None
-    note = None
-    for line in data.splitlines():
-        try:
-            msg = json.loads(line)
-            if msg.get("error"):
-                result["error"] = msg["error"]
-            if msg.get("note"):
-                note = msg["note"]
-            if msg.get("limit"):
-                result["limit"] = msg["limit"]
-        except (ValueError, AttributeError):
-            continue
-    return note
-
-
 def _task(
-    req: Mapping[str, Any], status: int, report: int, supervisor: int, groups: Mapping[str, str]
-) -> NoReturn:
+    req: Mapping[str, Any],
+    status: int,
+    report: int,
+    supervisor: int,
+    groups: Mapping[str, str] | None = None,
+    dry: bool = False,
+) -> int:
     """The task process: own process group, limits and identity, exact environment, the target.
 
     Signal dispositions are already the defaults (see the module doc); only
-    the mask is cleared, after the parent-death signal is armed.
+    the mask is cleared, after the parent-death signal is armed. ``dry``
+    (:func:`warm_up`, in the launcher) skips what would change the calling
+    process and returns the exit status instead of exiting.
     """
     code = EXIT_SETUP
     error = note = limit = None
     try:
-        os.setpgid(0, 0)
-        procs.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != supervisor:
-            os._exit(EXIT_SETUP)
-        if groups or req.get("limits") or req.get("run_as"):
-            confine.enter(req, groups, supervisor)  # cgroup, rlimits, then drop privileges
-        procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
-        cwd = req.get("cwd")
-        if cwd:
-            os.chdir(cwd)
-        _set_environ(req["env"])
-        os.write(status, b'{"ev":"started","pid":%d,"t":%r}\n' % (os.getpid(), time.time()))
-        os.close(status)
-        outcome = run_task(
-            req["target"], req["ctx"], own_process=True, not_before=req.get("not_before")
-        )
+        cwd, env, target, ctx, not_before, func = req["task"]
+        if not dry:
+            os.setpgid(0, 0)
+            procs.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != supervisor:
+                os._exit(EXIT_SETUP)
+            if groups or req.get("limits") or req.get("run_as"):
+                confine.enter(req, groups or {}, supervisor)  # cgroup, rlimits, then identity
+            procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
+            if cwd:
+                os.chdir(cwd)
+        if env:  # else nothing to do: the launcher's environment is empty (warm_up)
+            _set_environ(env)
+        os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
+        if not dry:
+            os.close(status)
+        outcome = run_task(target, ctx, own_process=not dry, not_before=not_before, func=func)
         code, error, note = outcome.exit_code, outcome.error, outcome.note
         if outcome.exception is not None and req.get("limits"):
             limit = confine.explain(outcome.exception, req["limits"])
@@ -378,21 +394,12 @@ def _task(
             limit = confine.explain(exc, req.get("limits"))
     try:
         plain = error is None and note is None and limit is None
-        os.write(report, DONE if plain else _done(error, note, limit))
+        os.write(report, DONE if plain else done_line(error, note, limit))
     except OSError:
         pass
+    if dry:
+        return code
     os._exit(code)
-
-
-def _done(error: str | None, note: str | None, limit: str | None = None) -> bytes:
-    msg = {"ev": "done"}
-    if error is not None:
-        msg["error"] = error
-    if note is not None:
-        msg["note"] = note
-    if limit is not None:
-        msg["limit"] = limit
-    return (json.dumps(msg) + "\n").encode()
 
 
 def _set_environ(pairs: list[tuple[bytes, bytes]]) -> None:

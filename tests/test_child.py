@@ -18,6 +18,7 @@ from scheduler.child import (
     ctx_from_json,
     ctx_to_json,
     exit_status,
+    preloaded_target,
     run_task,
     spec_to_json,
 )
@@ -290,3 +291,27 @@ def test_ctx_to_json_is_plain_json() -> None:
     data = ctx_to_json(RunContext("j", "r", "t", scheduled_for=datetime(2027, 1, 1, tzinfo=UTC)))
     assert json.loads(json.dumps(data)) == data
     assert data["scheduled_for"] == "2027-01-01T00:00:00+00:00"
+
+
+# -- targets the fork server resolves before forking ------------------------------------
+
+
+def test_preloaded_target_resolves_only_plain_functions_of_imported_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import tests.runner_tasks as tasks
+
+    assert preloaded_target("tests.runner_tasks:noop") is tasks.noop
+    assert preloaded_target("tests.runner_tasks:no_such_function") is None
+    assert preloaded_target("tests.runner_tasks:Collector.on_line") is None  # dotted: the child
+    assert preloaded_target("schedd_not_imported_xyz:run") is None  # never imported here
+    assert preloaded_target("not a target") is None
+    called = []
+    lazy = types.ModuleType("schedd_lazy_xyz")
+    lazy.__getattr__ = lambda name: called.append(name)  # type: ignore[attr-defined]
+    lazy.__spec__ = None
+    monkeypatch.setitem(sys.modules, "schedd_lazy_xyz", lazy)
+    assert preloaded_target("schedd_lazy_xyz:run") is None
+    assert called == []  # no module code runs in the fork server

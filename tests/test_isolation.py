@@ -124,7 +124,7 @@ def test_child_hygiene_session_fds_environ(tmp_path: Path, monkeypatch: pytest.M
 def test_task_starts_with_default_signal_dispositions_and_no_mask(
     runner: Runner, col: Collector
 ) -> None:
-    """The launcher handles SIGTERM, SIGHUP and SIGCHLD and blocks others; none of it leaks."""
+    """The launcher blocks the signals it waits for and installs no handler: nothing leaks."""
     req = request("signal_state")
     assert runner.launch(req).wait(10).status == "success"  # type: ignore[union-attr]
     got = json.loads(col.out(req.run_id)[0])
