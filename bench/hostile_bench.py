@@ -52,13 +52,15 @@ TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
 
 
-def _start(workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path, bool]:
+def _start(
+    workdir: Path, nice: int | None = None
+) -> tuple[subprocess.Popen[bytes], Path, Path, bool]:
     site = mix.install(workdir)
     evidence = workdir / "evidence"
     evidence.mkdir()
     limits = mix.limits_supported()
     config = workdir / "schedd.yaml"
-    mix.write_config(config, evidence, limits=limits)
+    mix.write_config(config, evidence, limits=limits, nice=nice)
     state = workdir / "state"
     proc = subprocess.Popen(
         [*SCHEDD, "run", "-c", str(config), "--state-dir", str(state)],
@@ -161,16 +163,20 @@ def run(
     warm_up: int,
     runs: int,
     only: Sequence[str] = tuple(mix.SCENARIOS),
+    nice: int | None = None,
 ) -> dict[str, Any]:
     """The whole soak in one daemon; a JSON-able dict of everything measured.
 
     ``only`` restricts the hostile phase to some scenarios (to find which one
-    costs the probes their lateness).
+    costs the probes their lateness); ``nice`` gives the CPU-burning scenarios
+    (:data:`tests.hostile_mix.CPU_BURNERS`) ``limits: {nice: N}``.
     """
     from scheduler.control import ControlClient
 
-    proc, state, _evidence, limits = _start(workdir)
+    proc, state, _evidence, limits = _start(workdir, nice)
     out: dict[str, Any] = {
+        "nice": nice,
+        "load_before": os.getloadavg()[0],
         "quiet_s": quiet,
         "hostile_s": seconds,
         "warm_up": warm_up,
@@ -185,6 +191,7 @@ def run(
         t1 = time.time()
         ids = _hostile_phase(state, seconds, only)
         t2 = time.time()
+        out["load_after"] = os.getloadavg()[0]
         deadline = time.monotonic() + 180
         while len(final := _final(state, ids)) < len(ids) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -192,6 +199,8 @@ def run(
         out["quiet_ms"] = [r.late_ms for r in quiet_runs]
         out["hostile_ms"] = [r.late_ms for r in hostile_runs]
         out["hostile_launched_ms"] = [r.launched_ms for r in hostile_runs]
+        out["hostile_stats"] = [dict(r.stats) for r in hostile_runs]
+        out["quiet_stats"] = [dict(r.stats) for r in quiet_runs]
         outcomes: dict[str, Counter[str]] = {}
         wrong: list[dict[str, Any]] = []
         for run_id, name in ids.items():
@@ -243,6 +252,48 @@ def _dist(values: list[float]) -> str:
     )
 
 
+def _where_the_time_went(late_ms: list[float], stats: list[dict[str, float]]) -> list[str]:
+    """Late probe runs (> the p50 target) split by what the probe saw (its ``key=value`` pairs).
+
+    * ready after the slot: forking, importing and preparing the probe outlasted the
+      launch lead; then its age, CPU time and CPU wait (run delay) at that point, and
+      its supervisor's, say whether it ran, queued for a CPU or was blocked;
+    * ready in time: it slept until the slot, and the lateness is its wait for a CPU
+      after the wake-up (``wait_delay``) or, if that is small, something else.
+    """
+    late = [(ms, st) for ms, st in zip(late_ms, stats, strict=False) if ms > TARGET_P50_MS]
+    if not late or "ready_at" not in late[0][1]:
+        return []
+
+    def med(rows: list[tuple[float, dict[str, float]]], key: str) -> str:
+        values = [st[key] for _, st in rows if st.get(key, -1) >= 0]
+        return f"{statistics.median(values):.1f}" if values else "-"
+
+    after = [r for r in late if r[1]["ready_at"] > 0]
+    before = [r for r in late if r[1]["ready_at"] <= 0]
+    woke_late = [r for r in before if r[1].get("wait_delay", -1) >= 0.8 * (r[0] - 1.0)]
+    lines = [
+        f"Where the time of the {len(late)} late runs went (medians, ms; from the probe's "
+        "`/proc/self/schedstat` and `/proc/self/stat`):\n",
+        "| late runs | n | lateness | ready at (vs slot) | CPU wait after wake-up "
+        "| process age / CPU / CPU wait when ready | supervisor age / CPU / CPU wait |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in (("ready in time", before), ("ready after the slot", after)):
+        if rows:
+            lines.append(
+                f"| {name} | {len(rows)} | {statistics.median(ms for ms, _ in rows):.1f} "
+                f"| {med(rows, 'ready_at')} | {med(rows, 'wait_delay')} "
+                f"| {' / '.join(med(rows, k) for k in ('ready_age', 'ready_cpu', 'ready_delay'))} "
+                f"| {' / '.join(med(rows, k) for k in ('sup_age', 'sup_cpu', 'sup_delay'))} |"
+            )
+    lines.append(
+        f"\nOf the {len(before)} ready in time, {len(woke_late)} spent at least 80% of their "
+        "lateness runnable, waiting for a CPU after the wake-up at the slot.\n"
+    )
+    return lines
+
+
 def report_lines(res: dict[str, Any]) -> list[str]:
     """The soak's results as Markdown (used by this script and ``bench/run.py``)."""
     lines = [
@@ -273,6 +324,7 @@ def report_lines(res: dict[str, Any]) -> list[str]:
             f"{statistics.median(at for _, at in pairs):.0f} ms from the slot), so their own "
             "process was late to run (CPU contention on the machine).\n"
         )
+    lines += _where_the_time_went(h, res.get("hostile_stats") or [])
     lines += ["| scenario | outcomes (status/signal or exit code: count) |", "|---|---|"]
     for name, counts in res["outcomes"].items():
         text = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
@@ -311,6 +363,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5000, help="quick hostile runs in the leak check")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--only", help="comma-separated scenarios for the hostile phase (default: all)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        help="give the CPU-burning scenarios limits: {nice: N} (default: all at one priority)",
+    )
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="schedd-hostile-") as tmp:
@@ -318,7 +375,7 @@ def main() -> None:
         unknown = set(only) - set(mix.SCENARIOS)
         if unknown:
             ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-        res = run(Path(tmp), args.quiet, args.seconds, args.warm_up, args.runs, only)
+        res = run(Path(tmp), args.quiet, args.seconds, args.warm_up, args.runs, only, args.nice)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     print("\n".join(report_lines(res)))
