@@ -266,7 +266,8 @@ def _where_the_time_went(late_ms: list[float], stats: list[dict[str, float]]) ->
         return []
 
     def med(rows: list[tuple[float, dict[str, float]]], key: str) -> str:
-        values = [st[key] for _, st in rows if st.get(key, -1) >= 0]
+        signed = key == "ready_at"  # the others are -1 when unknown
+        values = [st[key] for _, st in rows if key in st and (signed or st[key] >= 0)]
         return f"{statistics.median(values):.1f}" if values else "-"
 
     after = [r for r in late if r[1]["ready_at"] > 0]
