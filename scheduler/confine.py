@@ -141,7 +141,7 @@ def create(req: Mapping[str, Any], event: Callable[[str], None]) -> dict[str, st
 
 
 def enter(req: Mapping[str, Any], groups: Mapping[str, str], supervisor: int) -> None:
-    """In the task process, before anything else: cgroup, rlimits, priority, then identity.
+    """In the task process, before anything else: cgroup, rlimits, then identity.
 
     Raises on any failure: a run that asked for limits or another user must
     never run without them.
@@ -151,8 +151,8 @@ def enter(req: Mapping[str, Any], groups: Mapping[str, str], supervisor: int) ->
         cgroups.join_group(controller, group, req["cgroups"]["kind"], limits or {})
     if limits:
         set_rlimits(limits, pids_cgroup="pids" in groups)
-    if DAEMON_NICE is not None or (limits and limits.get("nice")):
-        set_nice(int((limits or {}).get("nice") or 0))  # before run_as: below 0 needs root
+        if limits.get("nice"):
+            set_nice(int(limits["nice"]))  # before run_as: below 0 needs root
     run_as = req.get("run_as")
     if run_as:
         drop_privileges(run_as["user"], run_as["uid"], run_as["gid"])
@@ -186,44 +186,13 @@ def set_rlimits(limits: Mapping[str, Any], *, pids_cgroup: bool) -> None:
 
 
 def set_nice(increment: int) -> None:
-    """Set the task's nice value to the daemon's plus ``increment``.
+    """Add ``increment`` to the task's nice value (inherited from the daemon).
 
     Every process the task starts inherits it, so a CPU-bound job yields the
     CPU to the others, whose wake-ups then preempt it. The kernel clamps the
     result to -20..19; a negative increment without root raises PermissionError.
     """
-    now = os.getpriority(os.PRIO_PROCESS, 0)
-    want = (now if DAEMON_NICE is None else DAEMON_NICE) + increment
-    if want != now:
-        os.setpriority(os.PRIO_PROCESS, 0, want)
-
-
-#: How far ahead of the tasks schedd runs its own launcher and supervisors (root only).
-SCHEDD_BOOST = 5
-#: The daemon's nice value when the launcher raised its own priority above it (tasks are
-#: set back to it, plus their ``nice``), else None: tasks start at the daemon's value.
-DAEMON_NICE: int | None = None
-
-
-def raise_priority() -> None:
-    """The launcher, at start: run schedd's own processes ahead of the tasks (root only).
-
-    Measured during the hostile-plugin mix: the launcher waited runnable for a
-    CPU two to three times as long as it ran, behind the tasks it had started,
-    so a punctual run's supervisor was forked up to 100 ms after it was asked
-    for and missed its slot. Supervisors inherit the boost (they only fork and
-    report); each task process goes back to :data:`DAEMON_NICE` (plus its
-    ``nice``) in :func:`enter`, before any of its own code runs.
-    """
-    global DAEMON_NICE  # inherited by every fork, read in enter
-    if os.geteuid() != 0:
-        return
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, base - SCHEDD_BOOST)
-    except OSError:  # no CAP_SYS_NICE (a container): run at the daemon's priority
-        return
-    DAEMON_NICE = base
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + increment)
 
 
 def drop_privileges(user: str, uid: int, gid: int) -> None:

@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import scheduler.types  # noqa: F401  (preloaded so that children get it for free)
-from scheduler import confine, procs, supervisor
+from scheduler import procs, supervisor
 
 if TYPE_CHECKING:
     import subprocess
@@ -402,7 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs.warm()
     supervisor.warm_up()
     procs.set_child_subreaper()
-    confine.raise_priority()  # ahead of the tasks: a busy machine must not delay launches
     sock = socket.socket(fileno=fd)
     launcher = Launcher(sock)
     gc.collect()

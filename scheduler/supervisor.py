@@ -354,7 +354,7 @@ def _task(
         procs.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != supervisor:
             os._exit(EXIT_SETUP)
-        if groups or req.get("limits") or req.get("run_as") or confine.DAEMON_NICE is not None:
+        if groups or req.get("limits") or req.get("run_as"):
             confine.enter(req, groups, supervisor)  # cgroup, rlimits, then drop privileges
         procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
         cwd = req.get("cwd")

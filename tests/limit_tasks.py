@@ -104,8 +104,8 @@ def oom_tree(ctx: RunContext) -> int:
 
 
 def priority(ctx: RunContext | None = None) -> None:
-    """Print this task's nice value as getpriority(2) and /proc/PID/stat see it, its child's
-    and its parent's (the supervisor; a ``python`` job calls it without a context)."""
+    """Print this task's nice value as getpriority(2) and /proc/PID/stat see it, and its child's
+    (a ``python`` job calls it without a context)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -116,10 +116,5 @@ def priority(ctx: RunContext | None = None) -> None:
     child = int(os.read(r, 16))
     with open("/proc/self/stat") as f:  # noqa: PTH123
         stat_nice = int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
-    info = {
-        "getpriority": os.getpriority(os.PRIO_PROCESS, 0),
-        "stat": stat_nice,
-        "child": child,
-        "supervisor": os.getpriority(os.PRIO_PROCESS, os.getppid()),
-    }
+    info = {"getpriority": os.getpriority(os.PRIO_PROCESS, 0), "stat": stat_nice, "child": child}
     print(json.dumps(info), flush=True)

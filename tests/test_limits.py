@@ -343,23 +343,13 @@ def _priority(res: RunResult, run_id: str, col: Collector) -> dict[str, int]:
     return info
 
 
-def _supervisor_nice(base: int) -> int:
-    """As root the launcher runs itself and the supervisors ahead of the tasks."""
-    return max(-20, base - confine.SCHEDD_BOOST) if os.geteuid() == 0 else base
-
-
 def test_nice_lowers_the_task_and_its_children(confined: Runner, col: Collector) -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)  # the runner's, as the daemon's
-    sup = _supervisor_nice(base)
-    res, run_id = run(confined, "priority", None)  # no limits: the daemon's priority
-    assert _priority(res, run_id, col) == {
-        "getpriority": base, "stat": base, "child": base, "supervisor": sup
-    }  # fmt: skip
+    res, run_id = run(confined, "priority", None)
+    assert _priority(res, run_id, col) == {"getpriority": base, "stat": base, "child": base}
     res, run_id = run(confined, "priority", Limits(nice=7))
     want = min(19, base + 7)
-    assert _priority(res, run_id, col) == {
-        "getpriority": want, "stat": want, "child": want, "supervisor": sup
-    }  # fmt: skip
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # only the task changed
 
 
@@ -367,13 +357,10 @@ def test_nice_lowers_the_task_and_its_children(confined: Runner, col: Collector)
 def test_a_negative_nice_as_root_also_with_run_as(confined: Runner, col: Collector) -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     want = max(-20, base - 3)
-    sup = _supervisor_nice(base)
     res, run_id = run(confined, "priority", Limits(nice=-3))
-    got = _priority(res, run_id, col)
-    assert got == {"getpriority": want, "stat": want, "child": want, "supervisor": sup}
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
     res, run_id = run_as_nobody(confined, "priority", Limits(nice=-3))  # set before the drop
-    got = _priority(res, run_id, col)
-    assert got == {"getpriority": want, "stat": want, "child": want, "supervisor": sup}
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
 
 
 def test_a_run_within_its_limits_has_no_reason(confined: Runner) -> None:
@@ -455,10 +442,8 @@ def test_daemon_runs_a_job_with_its_nice(daemon: Callable[..., Daemon]) -> None:
     wait_for(lambda: f"{run_id} stdout: {{" in d.job_log("low"), what="the task's line")
     line = next(ln for ln in d.job_log("low").splitlines() if f"{run_id} stdout: {{" in ln)
     info = json.loads(line.split(" stdout: ", 1)[1])
-    base = os.getpriority(os.PRIO_PROCESS, 0)  # the daemon inherits ours
-    want = min(19, base + 6)
-    sup = _supervisor_nice(base)
-    assert info == {"getpriority": want, "stat": want, "child": want, "supervisor": sup}
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 6)  # the daemon inherits ours
+    assert info == {"getpriority": want, "stat": want, "child": want}
 
 
 @ROOT_ONLY
