@@ -157,12 +157,13 @@ def write_config(
     scenarios: Iterable[str] = SCENARIOS,
     limits: bool = True,
     nice: int | None = None,
+    nice_scenarios: Iterable[str] = CPU_BURNERS,
 ) -> None:
     """The mix's config: probes, the named scenarios (all triggered by hand), churn jobs.
 
     ``limits=False`` drops the ``limits`` key (for a schedd that does not know
     it yet): the memory hog then holds its 1.5 GiB until its timeout. ``nice``
-    gives the :data:`CPU_BURNERS` ``limits: {nice: N}`` (on top of their own limits).
+    gives ``nice_scenarios`` ``limits: {nice: N}`` (on top of their own limits).
     """
     lines = [
         "timezone: UTC",
@@ -179,7 +180,7 @@ def write_config(
         sc = SCENARIOS[name]
         lines += [f"  {name}:", f"    task: {sc.task}", f"    cron: {NEVER}"]
         keys = {k: v for k, v in sc.keys.items() if limits or k != "limits"}
-        if nice is not None and limits and name in CPU_BURNERS:
+        if nice is not None and limits and name in nice_scenarios:
             own = keys.get("limits", "{}").strip("{}")
             keys["limits"] = "{" + ", ".join(x for x in (own, f"nice: {nice}") if x) + "}"
         lines += [f"    {k}: {v}" for k, v in keys.items()]
