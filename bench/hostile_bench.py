@@ -350,8 +350,8 @@ def report_lines(res: dict[str, Any]) -> list[str]:
     if res.get("nice") is None:
         lines.append("\nAll jobs at the daemon's priority (no `limits.nice`).")
     else:
-        which = "every hostile job" if res.get("nice_all") else "the CPU-burning hostile jobs"
-        lines.append(f"\n{which.capitalize()} ran with `limits: {{nice: {res['nice']}}}`.")
+        which = "Every hostile job" if res.get("nice_all") else "The CPU-burning hostile jobs"
+        lines.append(f"\n{which} ran with `limits: {{nice: {res['nice']}}}`.")
     if "load_before" in res:
         lines.append(
             f"Load average (1 min, the whole machine) {res['load_before']:.1f} before the quiet "
