@@ -52,13 +52,16 @@ TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
 
 
-def _start(workdir: Path) -> tuple[subprocess.Popen[bytes], Path, Path, bool]:
+def _start(
+    workdir: Path, nice: int | None = None, nice_all: bool = False
+) -> tuple[subprocess.Popen[bytes], Path, Path, bool]:
     site = mix.install(workdir)
     evidence = workdir / "evidence"
     evidence.mkdir()
     limits = mix.limits_supported()
     config = workdir / "schedd.yaml"
-    mix.write_config(config, evidence, limits=limits)
+    chosen = tuple(mix.SCENARIOS) if nice_all else mix.CPU_BURNERS
+    mix.write_config(config, evidence, limits=limits, nice=nice, nice_scenarios=chosen)
     state = workdir / "state"
     proc = subprocess.Popen(
         [*SCHEDD, "run", "-c", str(config), "--state-dir", str(state)],
@@ -124,6 +127,23 @@ def _hostile_phase(
     return ids
 
 
+def _queued_ahead(state: Path, ids: dict[str, str], probes: list[mix.ProbeRun]) -> list[int]:
+    """For each probe run: hostile runs the daemon created in the 100 ms before it handed
+    the probe to the launcher, i.e. launch requests probably still queued ahead of it."""
+    from datetime import datetime
+
+    created = sorted(
+        datetime.fromisoformat(r["created_at"]).timestamp()
+        for r in mix.ledger_rows(state)
+        if r["run_id"] in ids
+    )
+    out = []
+    for probe in probes:
+        handed = probe.slot + probe.launched_ms / 1000
+        out.append(sum(1 for t in created if handed - 0.1 <= t <= handed))
+    return out
+
+
 def _churn(state: Path, runs: int) -> tuple[list[str], float]:
     """``runs`` quick hostile runs, round robin over the churn jobs; (run ids, seconds to end)."""
     from scheduler.control import ControlClient
@@ -161,16 +181,23 @@ def run(
     warm_up: int,
     runs: int,
     only: Sequence[str] = tuple(mix.SCENARIOS),
+    nice: int | None = None,
+    nice_all: bool = False,
 ) -> dict[str, Any]:
     """The whole soak in one daemon; a JSON-able dict of everything measured.
 
     ``only`` restricts the hostile phase to some scenarios (to find which one
-    costs the probes their lateness).
+    costs the probes their lateness); ``nice`` gives the CPU-burning scenarios
+    (:data:`tests.hostile_mix.CPU_BURNERS`), or with ``nice_all`` every hostile
+    scenario, ``limits: {nice: N}``.
     """
     from scheduler.control import ControlClient
 
-    proc, state, _evidence, limits = _start(workdir)
+    proc, state, _evidence, limits = _start(workdir, nice, nice_all)
     out: dict[str, Any] = {
+        "nice": nice,
+        "nice_all": nice_all,
+        "load_before": os.getloadavg()[0],
         "quiet_s": quiet,
         "hostile_s": seconds,
         "warm_up": warm_up,
@@ -185,6 +212,7 @@ def run(
         t1 = time.time()
         ids = _hostile_phase(state, seconds, only)
         t2 = time.time()
+        out["load_after"] = os.getloadavg()[0]
         deadline = time.monotonic() + 180
         while len(final := _final(state, ids)) < len(ids) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -192,6 +220,9 @@ def run(
         out["quiet_ms"] = [r.late_ms for r in quiet_runs]
         out["hostile_ms"] = [r.late_ms for r in hostile_runs]
         out["hostile_launched_ms"] = [r.launched_ms for r in hostile_runs]
+        out["hostile_stats"] = [dict(r.stats) for r in hostile_runs]
+        out["hostile_queued"] = _queued_ahead(state, ids, hostile_runs)
+        out["quiet_stats"] = [dict(r.stats) for r in quiet_runs]
         outcomes: dict[str, Counter[str]] = {}
         wrong: list[dict[str, Any]] = []
         for run_id, name in ids.items():
@@ -243,6 +274,68 @@ def _dist(values: list[float]) -> str:
     )
 
 
+def _where_the_time_went(
+    late_ms: list[float], stats: list[dict[str, float]], queued: list[int]
+) -> list[str]:
+    """Late probe runs (> the p50 target) split by what the probe saw (its ``key=value`` pairs).
+
+    * ready after the slot: forking, importing and preparing the probe outlasted the
+      launch lead; then its age, CPU time and CPU wait (run delay) at that point, and
+      its supervisor's, say whether it ran, queued for a CPU or was blocked;
+    * ready in time: it slept until the slot, and the lateness is its wait for a CPU
+      after the wake-up (``wait_delay``) or, if that is small, something else.
+    """
+    late = [(ms, st) for ms, st in zip(late_ms, stats, strict=False) if ms > TARGET_P50_MS]
+    if not late or "ready_at" not in late[0][1]:
+        return []
+
+    def med(rows: list[tuple[float, dict[str, float]]], key: str) -> str:
+        signed = key == "ready_at"  # the others are -1 when unknown
+        values = [st[key] for _, st in rows if key in st and (signed or st[key] >= 0)]
+        return f"{statistics.median(values):.1f}" if values else "-"
+
+    after = [r for r in late if r[1]["ready_at"] > 0]
+    queue = dict(zip(map(id, stats), queued, strict=False))
+    before = [r for r in late if r[1]["ready_at"] <= 0]
+    woke_late = [r for r in before if r[1].get("wait_delay", -1) >= 0.8 * (r[0] - 1.0)]
+    lines = [
+        f"Where the time of the {len(late)} late runs went (medians, ms; from the probe's "
+        "`/proc/self/schedstat` and `/proc/self/stat`):\n",
+        "| late runs | n | lateness | ready at (vs slot) | CPU wait after wake-up "
+        "| process age / CPU / CPU wait when ready | supervisor age / CPU / CPU wait "
+        "| hostile launches in the 100 ms before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in (("ready in time", before), ("ready after the slot", after)):
+        if rows:
+            lines.append(
+                f"| {name} | {len(rows)} | {statistics.median(ms for ms, _ in rows):.1f} "
+                f"| {med(rows, 'ready_at')} | {med(rows, 'wait_delay')} "
+                f"| {' / '.join(med(rows, k) for k in ('ready_age', 'ready_cpu', 'ready_delay'))} "
+                f"| {' / '.join(med(rows, k) for k in ('sup_age', 'sup_cpu', 'sup_delay'))} "
+                f"| {_median_queue(rows, queue)} |"
+            )
+    on_time = [
+        n for ms, st in zip(late_ms, stats, strict=False) if ms <= TARGET_P50_MS
+        for n in [queue.get(id(st))] if n is not None
+    ]  # fmt: skip
+    if on_time:
+        lines.append(
+            f"| (runs on time, for comparison) | {len(on_time)} | | | | | "
+            f"| {statistics.median(on_time):.0f} |"
+        )
+    lines.append(
+        f"\nOf the {len(before)} ready in time, {len(woke_late)} spent at least 80% of their "
+        "lateness runnable, waiting for a CPU after the wake-up at the slot.\n"
+    )
+    return lines
+
+
+def _median_queue(rows: list[tuple[float, dict[str, float]]], queue: dict[int, int]) -> str:
+    values = [queue[id(st)] for _, st in rows if id(st) in queue]
+    return f"{statistics.median(values):.0f}" if values else "-"
+
+
 def report_lines(res: dict[str, Any]) -> list[str]:
     """The soak's results as Markdown (used by this script and ``bench/run.py``)."""
     lines = [
@@ -254,6 +347,16 @@ def report_lines(res: dict[str, Any]) -> list[str]:
         f"| quiet baseline {_dist(res['quiet_ms'])}",
         f"| hostile mix {_dist(res['hostile_ms'])}",
     ]
+    if res.get("nice") is None:
+        lines.append("\nAll jobs at the daemon's priority (no `limits.nice`).")
+    else:
+        which = "Every hostile job" if res.get("nice_all") else "The CPU-burning hostile jobs"
+        lines.append(f"\n{which} ran with `limits: {{nice: {res['nice']}}}`.")
+    if "load_before" in res:
+        lines.append(
+            f"Load average (1 min, the whole machine) {res['load_before']:.1f} before the quiet "
+            f"phase, {res['load_after']:.1f} after the hostile one."
+        )
     h = res["hostile_ms"]
     if h:
         ok50, ok99 = mix.pct(h, 0.5) <= TARGET_P50_MS, mix.pct(h, 0.99) <= TARGET_P99_MS
@@ -273,6 +376,9 @@ def report_lines(res: dict[str, Any]) -> list[str]:
             f"{statistics.median(at for _, at in pairs):.0f} ms from the slot), so their own "
             "process was late to run (CPU contention on the machine).\n"
         )
+    lines += _where_the_time_went(
+        h, res.get("hostile_stats") or [], res.get("hostile_queued") or []
+    )
     lines += ["| scenario | outcomes (status/signal or exit code: count) |", "|---|---|"]
     for name, counts in res["outcomes"].items():
         text = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
@@ -311,6 +417,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5000, help="quick hostile runs in the leak check")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--only", help="comma-separated scenarios for the hostile phase (default: all)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        help="give the CPU-burning scenarios limits: {nice: N} (default: all at one priority)",
+    )
+    ap.add_argument(
+        "--nice-all",
+        action="store_true",
+        help="with --nice: every hostile scenario gets it, not only the CPU burners",
+    )
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="schedd-hostile-") as tmp:
@@ -318,7 +434,16 @@ def main() -> None:
         unknown = set(only) - set(mix.SCENARIOS)
         if unknown:
             ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-        res = run(Path(tmp), args.quiet, args.seconds, args.warm_up, args.runs, only)
+        res = run(
+            Path(tmp),
+            args.quiet,
+            args.seconds,
+            args.warm_up,
+            args.runs,
+            only,
+            args.nice,
+            args.nice_all,
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     print("\n".join(report_lines(res)))

@@ -162,6 +162,37 @@ class JobExtras:
             )
         return user
 
+    def limits(
+        self,
+        limits: confine.Limits | None,
+        base: dict[str, Any],
+        own: dict[str, Any],
+        at: PathT,
+        defaults_at: PathT,
+    ) -> Any:
+        """The merged ``limits`` (or BAD), once a negative ``nice`` was checked against root:
+        reported at the ``nice`` that applies, the job's own or ``defaults``'."""
+        if limits is None or limits.nice is None or limits.nice >= 0 or self.root:
+            return limits
+        own_nice = "nice" in _limit_keys(own.get("limits"))
+        loc = self.src.value_loc((*(at if own_nice else defaults_at), "limits", "nice"))
+        if self.to_run:
+            self.error(
+                loc,
+                f"nice {limits.nice} (a higher priority) needs schedd to run as root, and it"
+                f" runs as {_identity()}; use 0..19 or start it as root",
+            )
+            return BAD
+        self.warnings.append(
+            self.src.problem(
+                loc,
+                f"nice {limits.nice} takes effect only when schedd runs as root; started as"
+                f" {_identity()}, the daemon would refuse this file",
+                warning=True,
+            )
+        )
+        return limits
+
     def scrub(self, problems: list[Problem]) -> list[Problem]:
         """``problems`` with secret values (see :mod:`scheduler.redact`) shown as ``***``:
         a message may quote a value, and a validator of a plugin may quote anything."""

@@ -191,7 +191,9 @@ class FastPath:
             env_file = job_keys[_ENV_FILE_AT] = self.extras.env_file(env_file, env_file_at)
             if env_file is BAD:
                 return None
-        job_keys[_LIMITS_AT] = merged_limits(base, own)
+        limits = job_keys[_LIMITS_AT] = merged_limits(base, own)
+        if limits is not None and (limits.nice or 0) < 0 and not self.extras.root:
+            return None  # Loader.job says what is wrong, where
         run_as = own["run_as"] if "run_as" in own else base.get("run_as")
         if run_as is not None:
             user = self.extras.user(run_as)

@@ -250,7 +250,13 @@ class Loader:
         values["run_as"] = self.extras.run_as(*pick("run_as"))
         if "limits" in part.bad or "limits" in defaults.bad:
             return None
-        values["limits"] = merged_limits(defaults.values, part.values)
+        values["limits"] = self.extras.limits(
+            merged_limits(defaults.values, part.values),
+            defaults.values,
+            part.values,
+            path,
+            defaults.path,
+        )
         if len(self.problems) > before or schedule is None or params is None or zone is None:
             return None
         if any(v is BAD for v in values.values()):

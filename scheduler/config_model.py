@@ -271,6 +271,19 @@ def _at_least_one(value: object) -> int:
     return value
 
 
+#: ``limits.nice`` bounds: setpriority(2)'s range; below 0 needs root.
+MIN_NICE, MAX_NICE = -20, 19
+
+
+def _nice(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_NICE <= value <= MAX_NICE:
+        raise ValueError(
+            f"must be a whole number from {MIN_NICE} to {MAX_NICE}"
+            f" (below 0 needs root; got {kind(value)})"
+        )
+    return value
+
+
 #: ``user`` or ``user:group``: names as useradd(8) allows them, no spaces.
 RUN_AS_PATTERN = r"^[A-Za-z0-9._][A-Za-z0-9._$-]*(?::[A-Za-z0-9._][A-Za-z0-9._$-]*)?$"
 
@@ -320,6 +333,14 @@ class LimitFields(BaseModel):
         WithJsonSchema({"type": "integer", "minimum": 1}),
     ] = _unset(
         "Processes (and threads) of a run: a cgroup pids limit, else RLIMIT_NPROC (per user)."
+    )
+    nice: Annotated[
+        int | None,
+        BeforeValidator(_nice),
+        WithJsonSchema({"type": "integer", "minimum": MIN_NICE, "maximum": MAX_NICE}),
+    ] = _unset(
+        "CPU priority of the run's processes, added to the daemon's nice value: 10 yields"
+        " the CPU to other jobs; below 0 needs the daemon to run as root."
     )
 
 

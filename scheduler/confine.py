@@ -48,6 +48,7 @@ class Limits:
     cpu: float | None = None
     open_files: int | None = None
     processes: int | None = None
+    nice: int | None = None  # added to the daemon's nice value
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) is not None}
@@ -150,6 +151,8 @@ def enter(req: Mapping[str, Any], groups: Mapping[str, str], supervisor: int) ->
         cgroups.join_group(controller, group, req["cgroups"]["kind"], limits or {})
     if limits:
         set_rlimits(limits, pids_cgroup="pids" in groups)
+        if limits.get("nice"):
+            set_nice(int(limits["nice"]))  # before run_as: below 0 needs root
     run_as = req.get("run_as")
     if run_as:
         drop_privileges(run_as["user"], run_as["uid"], run_as["gid"])
@@ -180,6 +183,16 @@ def set_rlimits(limits: Mapping[str, Any], *, pids_cgroup: bool) -> None:
         _set(resource.RLIMIT_NOFILE, int(limits["open_files"]))
     if "processes" in limits and not pids_cgroup:
         _set(resource.RLIMIT_NPROC, int(limits["processes"]))
+
+
+def set_nice(increment: int) -> None:
+    """Add ``increment`` to the task's nice value (inherited from the daemon).
+
+    Every process the task starts inherits it, so a CPU-bound job yields the
+    CPU to the others, whose wake-ups then preempt it. The kernel clamps the
+    result to -20..19; a negative increment without root raises PermissionError.
+    """
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + increment)
 
 
 def drop_privileges(user: str, uid: int, gid: int) -> None:

@@ -33,7 +33,8 @@ CHURN = ("churn-ok", "churn-fail", "churn-exit", "churn-escape", "churn-segv")
 NEVER = '"H H 1 1 *"'  # once a year: these jobs run when a test triggers them
 
 _SLOT_RE = re.compile(r"^\S+ \S+ (\w+) schedd: started: scheduled, slot (\S+),")
-_RAN_RE = re.compile(r"^\S+ \S+ (\w+) stdout: ran-at (\d+\.\d+)")
+_RAN_RE = re.compile(r"^\S+ \S+ (\w+) stdout: ran-at (\d+\.\d+)(.*)")
+_PAIR_RE = re.compile(r"(\w+)=(-?\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+#: The scenarios that keep a CPU busy (spinning, writing, forking, touching pages).
+CPU_BURNERS = ("spin", "flood", "no-newline", "fork-bomb", "memory-hog")
+
+
 def install(workdir: Path) -> Path:
     """pip-install the hostile distribution into ``workdir/site`` (offline); return that folder."""
     src = workdir / "src"
@@ -146,12 +151,19 @@ def limits_supported() -> bool:
 
 
 def write_config(
-    path: Path, evidence: Path, *, scenarios: Iterable[str] = SCENARIOS, limits: bool = True
+    path: Path,
+    evidence: Path,
+    *,
+    scenarios: Iterable[str] = SCENARIOS,
+    limits: bool = True,
+    nice: int | None = None,
+    nice_scenarios: Iterable[str] = CPU_BURNERS,
 ) -> None:
     """The mix's config: probes, the named scenarios (all triggered by hand), churn jobs.
 
     ``limits=False`` drops the ``limits`` key (for a schedd that does not know
-    it yet): the memory hog then holds its 1.5 GiB until its timeout.
+    it yet): the memory hog then holds its 1.5 GiB until its timeout. ``nice``
+    gives ``nice_scenarios`` ``limits: {nice: N}`` (on top of their own limits).
     """
     lines = [
         "timezone: UTC",
@@ -167,7 +179,11 @@ def write_config(
     for name in scenarios:
         sc = SCENARIOS[name]
         lines += [f"  {name}:", f"    task: {sc.task}", f"    cron: {NEVER}"]
-        lines += [f"    {k}: {v}" for k, v in sc.keys.items() if limits or k != "limits"]
+        keys = {k: v for k, v in sc.keys.items() if limits or k != "limits"}
+        if nice is not None and limits and name in nice_scenarios:
+            own = keys.get("limits", "{}").strip("{}")
+            keys["limits"] = "{" + ", ".join(x for x in (own, f"nice: {nice}") if x) + "}"
+        lines += [f"    {k}: {v}" for k, v in keys.items()]
     churn = {
         "churn-ok": "hostile-noop",
         "churn-fail": "hostile-fail",
@@ -315,6 +331,9 @@ class ProbeRun:
     slot: float  # Unix time
     late_ms: float  # task code ran this long after the slot
     launched_ms: float  # the daemon launched it this long after the slot (< 0: ahead, as usual)
+    #: What the probe saw of where the time went (ms; see the fixture's ``probe``),
+    #: with ``ready_at`` made relative to the slot.
+    stats: Mapping[str, float] = field(default_factory=dict)
 
 
 def probe_runs(state: Path) -> list[ProbeRun]:
@@ -341,7 +360,11 @@ def probe_runs(state: Path) -> list[ProbeRun]:
             if m and m.group(1) in slots:
                 slot, launched = slots[m.group(1)]
                 ran = float(m.group(2))
-                out.append(ProbeRun(job, slot, (ran - slot) * 1000, (launched - slot) * 1000))
+                stats = {k: float(v) for k, v in _PAIR_RE.findall(m.group(3))}
+                if "ready_at" in stats:
+                    stats["ready_at"] = (stats["ready_at"] - slot) * 1000
+                late, at = (ran - slot) * 1000, (launched - slot) * 1000
+                out.append(ProbeRun(job, slot, late, at, stats))
     return sorted(out, key=lambda r: r.slot)
 
 

@@ -101,3 +101,20 @@ def oom_tree(ctx: RunContext) -> int:
         killed += os.WIFSIGNALED(st)
     print(f"children killed: {killed}", flush=True)
     return 1 if killed else 0
+
+
+def priority(ctx: RunContext | None = None) -> None:
+    """Print this task's nice value as getpriority(2) and /proc/PID/stat see it, and its child's
+    (a ``python`` job calls it without a context)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, str(os.getpriority(os.PRIO_PROCESS, 0)).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = int(os.read(r, 16))
+    with open("/proc/self/stat") as f:  # noqa: PTH123
+        stat_nice = int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
+    info = {"getpriority": os.getpriority(os.PRIO_PROCESS, 0), "stat": stat_nice, "child": child}
+    print(json.dumps(info), flush=True)

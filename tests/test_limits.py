@@ -133,9 +133,62 @@ def test_bad_limits_are_located_errors(tmp_path: Path) -> None:
         "schedd.yaml:14:33: limits.cpu must be a duration (got 'soon');"
         " use seconds (90, 1.5) or amounts with units ms, s, m, h, d, w (250ms, 5m, 1h30m, 2d)",
         "schedd.yaml:14:39: unknown key 'swap' in limits;"
-        " known keys: memory, cpu, open_files, processes",
+        " known keys: memory, cpu, open_files, processes, nice",
         "schedd.yaml:19:13: limits must be a mapping (got 5)",
     ]
+
+
+def test_nice_merges_and_bad_values_are_located_errors(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+        defaults:
+          limits: {nice: 10}
+        jobs:
+          plain: {task: shell, every: 1h, params: {command: "true"}}
+          own: {task: shell, every: 1h, params: {command: "true"}, limits: {nice: 19}}
+        """,
+    )
+    assert config.jobs["plain"].limits == Limits(nice=10)
+    assert config.jobs["own"].limits == Limits(nice=19)
+    bad = "{task: shell, every: 1h, params: {command: 'true'}, limits: {nice: %s}}"
+    assert errors(
+        tmp_path, "jobs:\n" + "".join(f"  j{v}: {bad % v}\n" for v in ("20", "-21", "1.5", "x"))
+    ) == [
+        f"schedd.yaml:{i}:{len(f'  j{v}: ') + bad.index('%s') + 1}: limits.nice must be"
+        f" a whole number from -20 to 19 (below 0 needs root; got {shown})"
+        for i, (v, shown) in enumerate(
+            [("20", "20"), ("-21", "-21"), ("1.5", "1.5"), ("x", "'x'")], start=2
+        )
+    ]
+
+
+def test_a_negative_nice_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root: an error where the nice that applies is written (each place once)
+    when the file is loaded to run, a warning for ``validate``; 0..19 is fine."""
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    text = """
+        defaults:
+          limits: {nice: -5}
+        jobs:
+          a: {task: shell, every: 1h, params: {command: "true"}}
+          b: {task: shell, every: 1h, params: {command: "true"}, limits: {nice: -1}}
+          c: {task: shell, every: 1h, params: {command: "true"}, limits: {nice: 3}}
+        """
+    got = errors(tmp_path, text)
+    assert len(got) == 2, got
+    assert got[0].startswith("schedd.yaml:3:18: nice -5 (a higher priority) needs schedd")
+    assert got[1].startswith("schedd.yaml:6:73: nice -1 (a higher priority) needs schedd")
+    path = tmp_path / "schedd.yaml"
+    config = load_config(path, REGISTRY, to_run=False)
+    assert config.jobs["a"].limits == Limits(nice=-5)
+    assert config.jobs["c"].limits == Limits(nice=3)
+    assert any("nice -5 takes effect only when" in str(w) for w in config.warnings)
+    jobs = "".join(
+        f"  j{i}: {{task: shell, every: 1h, params: {{command: x}}}}\n" for i in range(250)
+    )
+    with pytest.raises(ConfigError):  # the fast path of a big file says it too
+        load(tmp_path, f"defaults:\n  limits: {{nice: -2}}\njobs:\n{jobs}")
 
 
 # -- runs that hit their limits ---------------------------------------------------------
@@ -283,6 +336,33 @@ def run_as_nobody(runner: Runner, target: str, limits: Limits) -> tuple[RunResul
     return res, run_id
 
 
+def _priority(res: RunResult, run_id: str, col: Collector) -> dict[str, int]:
+    assert res.status == "success", (res, col.out(run_id, "stderr"))
+    (line,) = col.out(run_id)
+    info: dict[str, int] = json.loads(line)
+    return info
+
+
+def test_nice_lowers_the_task_and_its_children(confined: Runner, col: Collector) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the runner's, as the daemon's
+    res, run_id = run(confined, "priority", None)
+    assert _priority(res, run_id, col) == {"getpriority": base, "stat": base, "child": base}
+    res, run_id = run(confined, "priority", Limits(nice=7))
+    want = min(19, base + 7)
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # only the task changed
+
+
+@ROOT_ONLY
+def test_a_negative_nice_as_root_also_with_run_as(confined: Runner, col: Collector) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    want = max(-20, base - 3)
+    res, run_id = run(confined, "priority", Limits(nice=-3))
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
+    res, run_id = run_as_nobody(confined, "priority", Limits(nice=-3))  # set before the drop
+    assert _priority(res, run_id, col) == {"getpriority": want, "stat": want, "child": want}
+
+
 def test_a_run_within_its_limits_has_no_reason(confined: Runner) -> None:
     res, run_id = run(confined, "status", Limits(memory=512 << 20, cpu=30, open_files=128))
     assert (res.status, res.reason) == ("success", None)
@@ -341,6 +421,29 @@ def test_daemon_records_the_limit_in_the_ledger_and_history(
     table = cli("history", "files").stdout
     assert "open files limit 32 reached" in table
     assert_no_group_left(run_id)  # removed before the result was reported
+
+
+def test_daemon_runs_a_job_with_its_nice(daemon: Callable[..., Daemon]) -> None:
+    d = daemon(
+        """
+        jobs:
+          low:
+            task: python
+            every: 1d
+            params: {target: "tests.limit_tasks:priority"}
+            limits: {nice: 6}
+        """
+    ).start()
+    out = subprocess.run(
+        [*schedd("trigger", "low", "--json"), "--state-dir", str(d.state)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30, check=True,
+    )  # fmt: skip
+    run_id = json.loads(out.stdout)["run_id"]
+    wait_for(lambda: f"{run_id} stdout: {{" in d.job_log("low"), what="the task's line")
+    line = next(ln for ln in d.job_log("low").splitlines() if f"{run_id} stdout: {{" in ln)
+    info = json.loads(line.split(" stdout: ", 1)[1])
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 6)  # the daemon inherits ours
+    assert info == {"getpriority": want, "stat": want, "child": want}
 
 
 @ROOT_ONLY
