@@ -250,6 +250,7 @@ MEMORY_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTkmgt])(?:i[Bb])?)?\s*$"
 _MEMORY_RE = re.compile(MEMORY_PATTERN)
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_MEMORY = 1 << 20
+MAX_MEMORY = (1 << 63) - 1
 
 
 def _memory(value: object) -> int:
@@ -257,17 +258,22 @@ def _memory(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str) and (match := _MEMORY_RE.fullmatch(value)):
-        size = round(float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").lower()])
+        amount = float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").lower()]
+        size = round(amount) if amount <= MAX_MEMORY else MAX_MEMORY + 1  # inf: no OverflowError
     else:
         raise ValueError(f"must be {form} (got {kind(value)})")
     if size < MIN_MEMORY:
         raise ValueError(f"must be at least 1M (got {kind(value)})")
+    if size > MAX_MEMORY:  # setrlimit takes a C long: more would fail every run
+        raise ValueError(f"must be at most 8E, {MAX_MEMORY} bytes (got {kind(value)})")
     return size
 
 
 def _at_least_one(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"must be a whole number >= 1 (got {kind(value)})")
+    if value > MAX_COUNT:  # setrlimit would fail every run
+        raise ValueError(f"must be at most {MAX_COUNT} (got {kind(value)})")
     return value
 
 
@@ -311,7 +317,7 @@ class LimitFields(BaseModel):
         WithJsonSchema(
             {
                 "anyOf": [
-                    {"type": "integer", "minimum": MIN_MEMORY},
+                    {"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_MEMORY},
                     {"type": "string", "pattern": MEMORY_PATTERN},
                 ]
             }
@@ -325,12 +331,12 @@ class LimitFields(BaseModel):
     open_files: Annotated[
         int | None,
         BeforeValidator(_at_least_one),
-        WithJsonSchema({"type": "integer", "minimum": 1}),
+        WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COUNT}),
     ] = _unset("Open file descriptors per process (RLIMIT_NOFILE).")
     processes: Annotated[
         int | None,
         BeforeValidator(_at_least_one),
-        WithJsonSchema({"type": "integer", "minimum": 1}),
+        WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COUNT}),
     ] = _unset(
         "Processes (and threads) of a run: a cgroup pids limit, else RLIMIT_NPROC (per user)."
     )

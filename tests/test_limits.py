@@ -555,3 +555,33 @@ def test_run_once_of_a_shell_job_names_the_cgroup_limit(tmp_path: Path) -> None:
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("schedd: run ") and last.endswith(": process limit 5 reached"), last
+
+
+def test_limits_too_large_for_setrlimit_are_located_errors(tmp_path: Path) -> None:
+    """Found in review: these raised OverflowError out of the loader, or failed every run."""
+    nines = "9" * 400
+    found = errors(
+        tmp_path,
+        f"""
+        jobs:
+          a:
+            task: shell
+            every: 1h
+            params: {{command: "true"}}
+            limits: {{memory: "{nines}M", open_files: {10**30}, processes: {2**31}}}
+          b:
+            task: shell
+            every: 1h
+            params: {{command: "true"}}
+            limits: {{memory: {2**63}}}
+        """,
+    )
+    assert len(found) == 4
+    assert found[0].startswith(
+        f"schedd.yaml:7:22: limits.memory must be at most 8E, {2**63 - 1} bytes (got '999"
+    )
+    assert found[1:] == [
+        f"schedd.yaml:7:439: limits.open_files must be at most 2147483647 (got {10**30})",
+        "schedd.yaml:7:483: limits.processes must be at most 2147483647 (got 2147483648)",
+        f"schedd.yaml:12:22: limits.memory must be at most 8E, {2**63 - 1} bytes (got {2**63})",
+    ]
