@@ -269,8 +269,7 @@ def finish(req: Mapping[str, Any], groups: Mapping[str, str], result: dict[str, 
     limits = req.get("limits") or {}
     kind = (req.get("cgroups") or {}).get("kind", "")
     oom, forks = cgroups.group_events(kind, groups) if groups else (0, 0)
-    for group in dict.fromkeys(groups.values()):
-        cgroups.remove_group(group)
+    remove(groups)
     told = result.pop("limit", None)  # what the task's exception showed
     status = result.get("status")
     if status in ("success", "timeout") or (status == "killed" and _ended_by_schedd(result)):
@@ -284,6 +283,12 @@ def finish(req: Mapping[str, Any], groups: Mapping[str, str], result: dict[str, 
         result["reason"] = process_reason(limits)
     elif "cpu" in limits and (sig == "SIGXCPU" or (sig == "SIGKILL" and _used_cpu(limits))):
         result["reason"] = f"cpu limit {format_cpu(limits['cpu'])} exceeded ({sig})"
+
+
+def remove(groups: Mapping[str, str]) -> None:
+    """Remove a run's groups (each once: v1 controllers may share one path)."""
+    for group in dict.fromkeys(groups.values()):
+        cgroups.remove_group(group)
 
 
 def _ended_by_schedd(result: Mapping[str, Any]) -> bool:

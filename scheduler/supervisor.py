@@ -164,6 +164,10 @@ def setup_stdio() -> None:
     sys.stdout, sys.stderr = _writer(1), _writer(2)
 
 
+#: The cgroups this supervisor made for its run, so an error after making them removes them.
+_MADE: list[Mapping[str, str]] = []
+
+
 def run(
     req: Mapping[str, Any], out_w: int, err_w: int, status: int, parent: int, dry: bool = False
 ) -> None:
@@ -196,6 +200,8 @@ def run(
                 if procs.kill_tree(procs.descendants(os.getpid()), signal.SIGKILL) == 0:
                     break
                 time.sleep(KILL_POLL)
+            for groups in _MADE:
+                confine.remove(groups)
             why = f"supervisor error: {type(exc).__name__}: {exc}"
             send(status, ev="result", status="killed", reason=why, ended=time.time())
         finally:
@@ -243,6 +249,8 @@ class _Supervisor:
         me = os.getpid()
         limits = self.req.get("limits")
         groups = confine.create(self.req, self._event) if limits else {}  # never joined here
+        if groups:
+            _MADE.append(groups)  # removed on the error path of run() too
         report_r, report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.task = os.fork()
         if self.task == 0:
