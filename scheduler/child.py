@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     removed so the task's own subprocesses do not inherit it.
     """
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--confined" and args[1].isdigit():
+        return _confined(int(args[1]))
     if len(args) > 1 or (args and args[0] in ("-h", "--help")):
         print(f"usage: python -m scheduler.child [SPEC_JSON]  (or ${SPEC_ENV})", file=sys.stderr)
         return EXIT_USAGE
@@ -343,6 +345,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"schedd.child: bad spec: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run_task(target, ctx, own_process=True).exit_code
+
+
+def _confined(fd: int) -> int:
+    """A ``run_as`` run, exec'd by its supervisor as root (see ``confine.exec_confined``):
+    read the spec from ``fd``, join the cgroup, set limits, drop privileges, run the task,
+    report on the supervisor's pipe like a forked task does."""
+    from scheduler import confine
+    from scheduler.runstatus import DONE, done_line
+
+    with os.fdopen(fd, "rb") as spec_file:
+        spec = json.loads(spec_file.read())
+    report = int(spec["report"])
+    os.set_inheritable(report, False)
+    error = note = limit = None
+    code = 126
+    try:
+        confine.enter(spec, spec["groups"], int(spec["supervisor"]))
+        target, ctx = spec["target"], ctx_from_json(spec["ctx"])
+        outcome = run_task(target, ctx, own_process=True, not_before=spec["not_before"])
+        code, error, note = outcome.exit_code, outcome.error, outcome.note
+        if outcome.exception is not None and spec.get("limits"):
+            limit = confine.explain(outcome.exception, spec["limits"])
+    except BaseException as exc:
+        traceback.print_exc()
+        error = type(exc).__name__
+    try:
+        plain = error is None and note is None and limit is None
+        os.write(report, DONE if plain else done_line(error, note, limit))
+    except OSError:
+        pass
+    _flush()
+    return code
 
 
 if __name__ == "__main__":

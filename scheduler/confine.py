@@ -27,15 +27,19 @@ not be able to read the interpreter's own library directory).
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import resource
 import signal
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from scheduler import cgroups, procs
+from scheduler.child import ctx_to_json
 
 # -- records ----------------------------------------------------------------------
 
@@ -160,6 +164,44 @@ def enter(req: Mapping[str, Any], groups: Mapping[str, str], supervisor: int) ->
         procs.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != supervisor:
             os._exit(126)
+
+
+def exec_confined(
+    req: Mapping[str, Any], groups: Mapping[str, str], status: int, report: int, supervisor: int
+) -> None:
+    """A ``run_as`` task: exec a fresh interpreter (still root) that drops privileges itself.
+
+    Why not drop privileges here: this process is a copy of the launcher, whose
+    memory holds other runs' requests (their environments and params: their
+    secrets), also in freed blocks that are never zeroed. A task running as
+    another user could read them from its own heap. A fresh interpreter holds
+    only this run's spec, which reaches it on a memfd, not in its environment.
+    The task's exception type and a limit it hit still come back on ``report``.
+    """
+    cwd, env, target, ctx, not_before, _func = req["task"]
+    spec = {
+        "target": target,
+        "ctx": ctx_to_json(ctx),
+        "not_before": not_before,
+        "limits": req.get("limits"),
+        "run_as": req["run_as"],
+        "cgroups": req.get("cgroups"),
+        "groups": dict(groups),
+        "supervisor": supervisor,
+        "report": report,
+    }
+    fd = os.memfd_create("schedd-run-spec", 0)
+    os.set_inheritable(fd, True)
+    os.write(fd, json.dumps(spec).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(report, True)
+    procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if cwd:
+        os.chdir(cwd)
+    os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
+    os.close(status)
+    argv = [sys.executable, "-m", "scheduler.child", "--confined", str(fd)]
+    os.execve(sys.executable, argv, dict(env))
 
 
 def _set(which: int, value: int) -> None:

@@ -379,8 +379,10 @@ def _task(
             procs.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != supervisor:
                 os._exit(EXIT_SETUP)
-            if groups or req.get("limits") or req.get("run_as"):
-                confine.enter(req, groups or {}, supervisor)  # cgroup, rlimits, then identity
+            if req.get("run_as"):
+                confine.exec_confined(req, groups or {}, status, report, supervisor)
+            if groups or req.get("limits"):
+                confine.enter(req, groups or {}, supervisor)  # cgroup, then rlimits
             procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
             if cwd:
                 os.chdir(cwd)

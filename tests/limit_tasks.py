@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from scheduler.types import RunContext
 
@@ -118,3 +119,25 @@ def priority(ctx: RunContext | None = None) -> None:
         stat_nice = int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
     info = {"getpriority": os.getpriority(os.PRIO_PROCESS, 0), "stat": stat_nice, "child": child}
     print(json.dumps(info), flush=True)
+
+
+def scan_memory(ctx: RunContext) -> None:
+    """Print every ``prefix`` + 16 hex characters found in this process's writable memory.
+
+    What a hostile ``run_as`` task would do to steal other runs' secrets from memory
+    it inherited (the prefix alone is in this run's params, never a whole secret).
+    """
+    prefix = str(ctx.params["prefix"]).encode()
+    found: set[str] = set()
+    with Path("/proc/self/maps").open() as maps:
+        regions = [line.split()[:2] for line in maps]
+    for addr, perms in regions:
+        if not perms.startswith("rw"):
+            continue
+        start, end = (int(x, 16) for x in addr.split("-"))
+        data = ctypes.string_at(start, end - start)  # our own writable memory
+        at = data.find(prefix)
+        while at >= 0:
+            found.add(data[at + len(prefix) : at + len(prefix) + 16].decode("latin-1"))
+            at = data.find(prefix, at + 1)
+    print(json.dumps(sorted(found)))

@@ -8,6 +8,7 @@ and the venv's packages on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import json
 import os
@@ -260,3 +261,37 @@ def test_a_reload_that_adds_run_as_is_rejected_when_not_root(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_run_as_task_cannot_find_other_runs_secrets_in_its_memory(
+    with_groups: tuple[Runner, Collector], tmp_path: Path
+) -> None:
+    """Found in review: a task forked from the launcher inherits its heap, which holds
+    other runs' requests (env_file values included), freed or not. A run_as task is a
+    fresh interpreter instead, so the root run's secret launched just before is not there."""
+    runner, col = with_groups
+    prefix = "SCHEDDSECRET"
+    secret = os.urandom(8).hex()
+    text = f"""
+    jobs:
+      root-job:
+        task: shell
+        every: 1h
+        params: {{command: "true"}}
+        env: {{DB_PASSWORD: "{prefix}{secret}"}}
+      spy:
+        task: python
+        every: 1h
+        params: {{target: "tests.limit_tasks:scan_memory"}}
+        run_as: nobody
+    """
+    jobs = load(tmp_path, text).jobs
+    shell = TaskType("shell", "tests.runner_tasks:noop", "a run with a secret", TaskParams)
+    first = runner.launch(build_request(jobs["root-job"], shell, "secret-1", Start(None), {}))
+    assert (res := first.wait(30)) is not None and res.status == "success"
+    spy_task = TaskType("scan", "tests.limit_tasks:scan_memory", "scan memory", TaskParams)
+    spy = dataclasses.replace(jobs["spy"], params={"prefix": prefix})
+    res = runner.launch(build_request(spy, spy_task, "spy-1", Start(None), {})).wait(30)
+    assert res is not None and res.status == "success", (res, col.out("spy-1", "stderr"))
+    seen = json.loads(col.out("spy-1")[0])
+    assert secret not in seen
