@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import io
 import json
 import os
 import re
@@ -356,6 +357,9 @@ def _confined(fd: int) -> int:
 
     with os.fdopen(fd, "rb") as spec_file:
         spec = json.loads(spec_file.read())
+    for stream in (sys.stdout, sys.stderr):  # pipes: lines must reach the job log as written
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, errors="backslashreplace")
     report = int(spec["report"])
     os.set_inheritable(report, False)
     error = note = limit = None

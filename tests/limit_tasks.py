@@ -141,3 +141,9 @@ def scan_memory(ctx: RunContext) -> None:
             found.add(data[at + len(prefix) : at + len(prefix) + 16].decode("latin-1"))
             at = data.find(prefix, at + 1)
     print(json.dumps(sorted(found)))
+
+
+def say_then_sleep(ctx: RunContext) -> None:
+    """One line without an explicit flush, then a pause: the line must arrive before the end."""
+    print("first line")
+    time.sleep(float(ctx.params.get("seconds", 3)))

@@ -295,3 +295,17 @@ def test_a_run_as_task_cannot_find_other_runs_secrets_in_its_memory(
     assert res is not None and res.status == "success", (res, col.out("spy-1", "stderr"))
     seen = json.loads(col.out("spy-1")[0])
     assert secret not in seen
+
+
+def test_a_run_as_task_s_output_is_streamed_line_by_line(
+    with_groups: tuple[Runner, Collector], tmp_path: Path
+) -> None:
+    """Its interpreter is exec'd with stdout on a pipe: block buffering would hold lines back."""
+    runner, col = with_groups
+    spec = dataclasses.replace(load(tmp_path, job_yaml("nobody")).jobs["who"], params={})
+    task = TaskType("say", "tests.limit_tasks:say_then_sleep", "say, then sleep", TaskParams)
+    handle = runner.launch(build_request(spec, task, "streamed-1", Start(None), {}))
+    wait_for(lambda: col.out("streamed-1") == ["first line"], 10, "the first line")
+    assert handle.wait(0) is None  # still running: the line came while it ran
+    res = handle.wait(30)
+    assert res is not None and res.status == "success"
