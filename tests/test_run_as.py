@@ -309,3 +309,17 @@ def test_a_run_as_task_s_output_is_streamed_line_by_line(
     assert handle.wait(0) is None  # still running: the line came while it ran
     res = handle.wait(30)
     assert res is not None and res.status == "success"
+
+
+def test_a_run_as_task_s_exception_and_exit_code_are_reported(
+    with_groups: tuple[Runner, Collector], tmp_path: Path
+) -> None:
+    runner, col = with_groups
+    spec = dataclasses.replace(load(tmp_path, job_yaml("nobody")).jobs["who"], params={})
+    failing = TaskType("fail", "tests.runner_tasks:fail", "raise", TaskParams)
+    res = runner.launch(build_request(spec, failing, "fails-1", Start(None), {})).wait(30)
+    assert res is not None and (res.status, res.exit_code, res.error) == ("failed", 1, "ValueError")
+    assert any("Traceback" in line for line in col.out("fails-1", "stderr"))
+    exiting = TaskType("exit3", "tests.runner_tasks:exit3", "return 3", TaskParams)
+    res = runner.launch(build_request(spec, exiting, "exits-1", Start(None), {})).wait(30)
+    assert res is not None and (res.status, res.exit_code) == ("failed", 3)
