@@ -353,7 +353,7 @@ def _confined(fd: int) -> int:
     read the spec from ``fd``, join the cgroup, set limits, drop privileges, run the task,
     report on the supervisor's pipe like a forked task does."""
     from scheduler import confine
-    from scheduler.runstatus import DONE, done_line
+    from scheduler.runstatus import report_done
 
     with os.fdopen(fd, "rb") as spec_file:
         spec = json.loads(spec_file.read())
@@ -371,14 +371,11 @@ def _confined(fd: int) -> int:
         code, error, note = outcome.exit_code, outcome.error, outcome.note
         if outcome.exception is not None and spec.get("limits"):
             limit = confine.explain(outcome.exception, spec["limits"])
-    except BaseException as exc:
+    except BaseException as exc:  # as in the forked task (supervisor._task)
         traceback.print_exc()
         error = type(exc).__name__
-    try:
-        plain = error is None and note is None and limit is None
-        os.write(report, DONE if plain else done_line(error, note, limit))
-    except OSError:
-        pass
+        limit = confine.explain(exc, spec.get("limits"))
+    report_done(report, error, note, limit)
     _flush()
     return code
 

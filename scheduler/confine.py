@@ -40,6 +40,7 @@ from typing import Any
 
 from scheduler import cgroups, procs
 from scheduler.child import ctx_to_json
+from scheduler.runstatus import STARTED
 
 # -- records ----------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ def exec_confined(
     procs.csignal.pthread_sigmask(signal.SIG_SETMASK, ())
     if cwd:
         os.chdir(cwd)
-    os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
+    os.write(status, STARTED % (os.getpid(), time.time_ns()))
     os.close(status)
     argv = [sys.executable, "-m", "scheduler.child", "--confined", str(fd)]
     os.execve(sys.executable, argv, dict(env))

@@ -25,6 +25,8 @@ from typing import Any
 
 #: What the task reports when it has nothing to say; compared, never parsed.
 DONE = b'{"ev":"done"}\n'
+#: The task's "started" line: ``STARTED % (pid, time.time_ns())``.
+STARTED = b'{"ev":"started","pid":%d,"ns":%d}\n'
 #: The result line of a task that exited by itself with nothing to report.
 PLAIN_RESULT = b'{"ev":"result","status":"%s","exit_code":%d,"pid":%d,"ended_ns":%d}\n'
 STATUS = (b"failed", b"success")
@@ -97,6 +99,15 @@ def apply_report(data: bytes, result: dict[str, Any]) -> str | None:
         except (ValueError, AttributeError):
             continue
     return note
+
+
+def report_done(fd: int, error: str | None, note: str | None, limit: str | None) -> None:
+    """The task's last word on its private pipe: :data:`DONE`, or what it has to say."""
+    try:
+        plain = error is None and note is None and limit is None
+        os.write(fd, DONE if plain else done_line(error, note, limit))
+    except OSError:
+        pass
 
 
 def done_line(error: str | None, note: str | None, limit: str | None = None) -> bytes:

@@ -47,10 +47,11 @@ from scheduler.child import ctx_from_json, preloaded_target, run_task
 from scheduler.runstatus import (
     DONE,
     PLAIN_RESULT,
+    STARTED,
     STATUS,
     apply_report,
-    done_line,
     read_report,
+    report_done,
     send,
 )
 
@@ -388,7 +389,7 @@ def _task(
                 os.chdir(cwd)
         if env:  # else nothing to do: the launcher's environment is empty (warm_up)
             _set_environ(env)
-        os.write(status, b'{"ev":"started","pid":%d,"ns":%d}\n' % (os.getpid(), time.time_ns()))
+        os.write(status, STARTED % (os.getpid(), time.time_ns()))
         if not dry:
             os.close(status)
         outcome = run_task(target, ctx, own_process=not dry, not_before=not_before, func=func)
@@ -402,11 +403,7 @@ def _task(
         finally:
             error = type(exc).__name__
             limit = confine.explain(exc, req.get("limits"))
-    try:
-        plain = error is None and note is None and limit is None
-        os.write(report, DONE if plain else done_line(error, note, limit))
-    except OSError:
-        pass
+    report_done(report, error, note, limit)
     if dry:
         return code
     os._exit(code)
