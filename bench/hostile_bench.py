@@ -166,14 +166,6 @@ def _churn(state: Path, runs: int) -> tuple[list[str], float]:
         time.sleep(0.2)
 
 
-def _steady(pid: int) -> dict[str, int]:
-    readings = []
-    for _ in range(5):
-        time.sleep(0.2)
-        readings.append(mix.resources(pid))
-    return {k: min(r[k] for r in readings) for k in readings[0]}
-
-
 def run(
     workdir: Path,
     quiet: float,
@@ -243,9 +235,9 @@ def run(
         client = ControlClient(state)
         client.pause(list(mix.PROBES))
         _churn(state, warm_up)
-        out["before_runs"] = _steady(proc.pid)
+        out["before_runs"] = mix.steady_resources(proc.pid)
         churn_ids, took = _churn(state, runs)
-        out["after_runs"] = _steady(proc.pid)
+        out["after_runs"] = mix.steady_resources(proc.pid)
         out["runs_s"] = took
         from scheduler.recovery import run_processes
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -310,6 +311,15 @@ def resources(pid: int) -> dict[str, int]:
 
 
 # ---- the run's own records ---------------------------------------------------------------
+
+
+def steady_resources(pid: int) -> dict[str, int]:
+    """The daemon's resources once idle: the smallest of a few readings a moment apart."""
+    readings = []
+    for _ in range(5):
+        time.sleep(0.2)
+        readings.append(resources(pid))
+    return {k: min(r[k] for r in readings) for k in readings[0]}
 
 
 def ledger_rows(state: Path, job: str | None = None, limit: int = 100_000) -> list[dict[str, Any]]:

@@ -245,15 +245,6 @@ def test_daemon_answered_throughout(hostile: Mix) -> None:
     assert hostile.daemon.proc is not None and hostile.daemon.proc.poll() is None
 
 
-def _steady(pid: int) -> dict[str, int]:
-    """The daemon's resources once idle: the smallest of a few readings a moment apart."""
-    readings = []
-    for _ in range(5):
-        time.sleep(0.2)
-        readings.append(mix.resources(pid))
-    return {k: min(r[k] for r in readings) for k in readings[0]}
-
-
 def _churn(m: Mix, runs: int) -> list[str]:
     """Trigger ``runs`` quick hostile runs (round robin over the churn jobs); wait until all end."""
     client = ControlClient(m.state)
@@ -289,9 +280,9 @@ def test_many_runs_leave_no_zombie_and_no_growth(hostile: Mix) -> None:
     client.pause(list(mix.PROBES))  # nothing else in flight while resources are read
     try:
         _churn(hostile, WARM_UP)
-        before = _steady(hostile.pid)
+        before = mix.steady_resources(hostile.pid)
         ids = _churn(hostile, MANY)
-        after = _steady(hostile.pid)
+        after = mix.steady_resources(hostile.pid)
     finally:
         client.resume(list(mix.PROBES))
     rows = {r["run_id"]: r for job in mix.CHURN for r in mix.ledger_rows(hostile.state, job)}

@@ -216,7 +216,11 @@ _ids = iter(range(1, 1 << 30))
 
 
 def run(
-    runner: Runner, target: str, limits: Limits | None, params: dict[str, Any] | None = None
+    runner: Runner,
+    target: str,
+    limits: Limits | None,
+    params: dict[str, Any] | None = None,
+    run_as: str | None = None,
 ) -> tuple[RunResult, str]:
     run_id = f"{target}-{os.getpid()}-{next(_ids)}"
     ctx = RunContext(job_id="job", run_id=run_id, task="test", params=params or {})
@@ -228,6 +232,7 @@ def run(
         timeout=60,
         kill_grace=1.0,
         limits=limits,
+        run_as=confine.resolve_run_as(run_as) if run_as else None,
     )
     res = runner.launch(req).wait(90)
     assert res is not None
@@ -319,21 +324,7 @@ def test_process_limit_without_a_cgroup_is_rlimit_nproc(bare: Runner, col: Colle
 def run_as_nobody(runner: Runner, target: str, limits: Limits) -> tuple[RunResult, str]:
     if os.geteuid() != 0:
         pytest.skip("needs root to run as nobody")
-    run_id = f"{target}-{os.getpid()}-{next(_ids)}"
-    ctx = RunContext(job_id="job", run_id=run_id, task="test")
-    req = RunRequest(
-        run_id=run_id,
-        job_id="job",
-        target=f"tests.limit_tasks:{target}",
-        ctx=ctx,
-        timeout=60,
-        kill_grace=1.0,
-        limits=limits,
-        run_as=confine.resolve_run_as("nobody"),
-    )
-    res = runner.launch(req).wait(90)
-    assert res is not None
-    return res, run_id
+    return run(runner, target, limits, run_as="nobody")
 
 
 def _priority(res: RunResult, run_id: str, col: Collector) -> dict[str, int]:
